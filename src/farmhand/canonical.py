@@ -1,0 +1,34 @@
+"""Canonical JSON bytes and hashes: what gets signed, hashed and compared.
+
+Keys are sorted, no insignificant whitespace, UTF-8, and NaN/Infinity are refused,
+so two equal JSON values always produce the same bytes and the same hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from farmhand.errors import InvalidInput
+
+
+def canonical_json(value: Any) -> bytes:
+    """Return the canonical JSON encoding of ``value`` as bytes."""
+    try:
+        text = json.dumps(
+            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"value is not canonical JSON: {exc}") from exc
+    return text.encode("utf-8")
+
+
+def sha256_hex(data: bytes) -> str:
+    """Return the lowercase hex sha256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def payload_hash(payload: Any) -> str:
+    """Return ``sha256:<hex>`` of the canonical JSON of ``payload``."""
+    return "sha256:" + sha256_hex(canonical_json(payload))

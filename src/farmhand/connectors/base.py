@@ -1,0 +1,95 @@
+"""The connector interface: one connector per kind of side effect.
+
+A connector validates payloads, performs one call per attempt, says whether repeating a
+call is safe for an account, and reconciles an attempt whose outcome was lost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from farmhand.config import AccountConfig
+from farmhand.contracts import Attempt, Intent
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """Everything a connector needs for one attempt."""
+
+    intent: Intent
+    attempt: int
+    account: AccountConfig
+    #: seconds the call may take before the executor gives up on it
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Succeeded:
+    """The effect happened (or was found to have happened)."""
+
+    external_id: str | None = None
+    url: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The effect did not happen."""
+
+    error: str
+    retryable: bool
+    #: seconds the provider asked us to wait (Retry-After)
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Uncertain:
+    """The effect may or may not have happened; repeating the call could duplicate it."""
+
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Absent:
+    """Reconciliation: the effect did not happen, or repeating it is harmless."""
+
+    reason: str
+
+
+Result = Succeeded | Failed | Uncertain
+Reconciled = Succeeded | Absent | Uncertain
+
+
+class Connector:
+    """Base class for connectors. Subclasses set ``kind`` and implement :meth:`execute`."""
+
+    kind: ClassVar[str]
+
+    def validate(self, payload: dict[str, Any]) -> None:
+        """Raise :class:`farmhand.errors.InvalidInput` if ``payload`` cannot be executed."""
+
+    def idempotent(self, account: AccountConfig) -> bool:
+        """Whether repeating a call for ``account`` can never duplicate the effect."""
+        return False
+
+    async def execute(self, call: Call) -> Result:
+        """Perform the side effect once."""
+        raise NotImplementedError
+
+    async def reconcile(self, call: Call, attempt: Attempt) -> Reconciled:
+        """Decide the outcome of ``attempt``, which started but left no receipt.
+
+        The default knows nothing about the target: a repeat is safe only if the
+        connector is idempotent for this account; otherwise the outcome stays unknown.
+        """
+        if self.idempotent(call.account):
+            return Absent(f"{self.kind} is idempotent for account {call.account.name}; resending")
+        return Uncertain(
+            f"attempt {attempt.attempt} by {attempt.executor} was interrupted mid-call and "
+            f"{self.kind} cannot look up whether it took effect for account "
+            f"{call.account.name}; check the target, then run farmhand resolve"
+        )
+
+    async def aclose(self) -> None:
+        """Release clients and connections."""

@@ -1,0 +1,136 @@
+"""``webhook.post``: one HTTP request per attempt, carrying the intent's Idempotency-Key.
+
+2xx is a success whose receipt takes ``id``/``url`` from the JSON response; 408, 429 and
+5xx are retryable (Retry-After honoured); other 4xx are permanent. A transport error after
+the request may have been sent is *uncertain* unless the account declares that its target
+honours Idempotency-Key, in which case sending again is safe.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from farmhand.config import AccountConfig
+from farmhand.connectors.base import Call, Connector, Failed, Result, Succeeded, Uncertain
+from farmhand.errors import InvalidInput
+
+if TYPE_CHECKING:
+    import httpx
+
+_RETRYABLE_STATUS = frozenset({408, 425, 429})
+_BODY_EXCERPT = 200
+
+
+class WebhookPayload(BaseModel):
+    """The payload of a ``webhook.post`` intent."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = Field(pattern=r"^https?://[^\s]+$")
+    method: Literal["POST", "PUT", "PATCH", "DELETE"] = "POST"
+    json_body: Any = Field(default=None, alias="json")
+    headers: dict[str, str] = Field(default_factory=dict)
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (now if now is not None else time.time()))
+
+
+class WebhookConnector(Connector):
+    """HTTP webhook connector (httpx, pooled connections)."""
+
+    kind: ClassVar[str] = "webhook.post"
+
+    def __init__(self) -> None:
+        self._client: httpx.AsyncClient | None = None
+
+    def validate(self, payload: dict[str, Any]) -> None:
+        try:
+            parsed = WebhookPayload.model_validate(payload)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "payload"
+            raise InvalidInput(f"webhook.post payload: {where}: {first['msg']}") from None
+        if any(name.lower() == "idempotency-key" for name in parsed.headers):
+            raise InvalidInput(
+                "webhook.post payload: headers must not set Idempotency-Key; farmhand sends the "
+                "intent's key"
+            )
+
+    def idempotent(self, account: AccountConfig) -> bool:
+        return account.honours_idempotency_key
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            import httpx  # imported here: the CLI's submit path never needs it
+
+            self._client = httpx.AsyncClient(
+                follow_redirects=False,
+                limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            )
+        return self._client
+
+    async def execute(self, call: Call) -> Result:
+        import httpx
+
+        payload = WebhookPayload.model_validate(call.intent.payload)
+        headers = {**payload.headers, "Idempotency-Key": call.intent.key}
+        try:
+            response = await self._http().request(
+                payload.method,
+                payload.url,
+                json=payload.json_body,
+                headers=headers,
+                timeout=httpx.Timeout(call.timeout, connect=min(5.0, call.timeout)),
+            )
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            return Failed(error=f"cannot connect to {payload.url}: {exc!r}", retryable=True)
+        except httpx.TransportError as exc:
+            error = f"request to {payload.url} may have been sent, then failed: {exc!r}"
+            if self.idempotent(call.account):
+                return Failed(error=error, retryable=True)
+            return Uncertain(error=error)
+        return self._result(response)
+
+    @staticmethod
+    def _result(response: httpx.Response) -> Result:
+        status = response.status_code
+        if 200 <= status < 300:
+            data: Any = None
+            if response.content:
+                try:
+                    data = response.json()
+                except ValueError:
+                    data = None
+            external_id = url = None
+            if isinstance(data, dict):
+                if data.get("id") is not None:
+                    external_id = str(data["id"])
+                if isinstance(data.get("url"), str):
+                    url = data["url"]
+            return Succeeded(external_id=external_id, url=url, detail={"status": status})
+        excerpt = response.text[:_BODY_EXCERPT]
+        error = f"HTTP {status} from {response.request.url}: {excerpt}"
+        if status in _RETRYABLE_STATUS or status >= 500:
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            return Failed(error=error, retryable=True, retry_after=retry_after)
+        return Failed(error=error, retryable=False)
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None

@@ -1,0 +1,307 @@
+"""The brain's API: submit, cancel, resolve, re-queue and gate. It never performs an effect."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from farmhand.canonical import canonical_json, payload_hash
+from farmhand.clock import Clock, SystemClock
+from farmhand.connectors import connector_class
+from farmhand.contracts import (
+    MAX_PAYLOAD_BYTES,
+    GateRule,
+    Intent,
+    IntentState,
+    IntentStatus,
+    Outcome,
+    Receipt,
+    ReceiptSource,
+)
+from farmhand.contracts.base import utc
+from farmhand.errors import (
+    ConflictError,
+    FarmhandError,
+    InvalidInput,
+    InvalidTransition,
+    NotFound,
+)
+from farmhand.ids import new_id
+from farmhand.store.base import Change, IntentQuery, NewIntent, Store
+
+#: Attempts granted to a dead letter re-queued by hand.
+REQUEUE_ATTEMPTS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitRequest:
+    """What a producer asks for. Validated into an :class:`Intent` by :meth:`Coordinator.submit`."""
+
+    kind: str
+    key: str
+    payload: Any
+    account: str = "default"
+    agent: str = "local"
+    not_before: datetime | None = None
+    expires_at: datetime | None = None
+    max_attempts: int = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """The stored intent, and whether this call created it (False: idempotent repeat)."""
+
+    status: IntentStatus
+    created: bool
+
+
+def _pydantic_message(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "intent"
+    message = str(first["msg"]).removeprefix("Value error, ")
+    return f"{where}: {message}"
+
+
+class Coordinator:
+    """Submits and manages intents on a store, recording who did what and why."""
+
+    def __init__(self, store: Store, clock: Clock | None = None) -> None:
+        self.store = store
+        self._clock = clock or SystemClock()
+
+    def build_intent(self, request: SubmitRequest) -> Intent:
+        """Validate a request into an intent (raises InvalidInput / UnknownKind)."""
+        connector = connector_class(request.kind)()
+        if not isinstance(request.payload, dict):
+            raise InvalidInput(
+                f"payload must be a JSON object, got {type(request.payload).__name__}"
+            )
+        size = len(canonical_json(request.payload))
+        if size > MAX_PAYLOAD_BYTES:
+            raise InvalidInput(
+                f"payload is {size} bytes; the limit is {MAX_PAYLOAD_BYTES}: store large "
+                "content elsewhere and pass a reference"
+            )
+        connector.validate(request.payload)
+        try:
+            return Intent(
+                id=new_id("in"),
+                key=request.key,
+                kind=request.kind,
+                account=request.account,
+                agent=request.agent,
+                payload=request.payload,
+                payload_hash=payload_hash(request.payload),
+                created_at=utc(self._clock.now()),
+                not_before=request.not_before,
+                expires_at=request.expires_at,
+                max_attempts=request.max_attempts,
+            )
+        except ValidationError as exc:
+            raise InvalidInput(_pydantic_message(exc)) from None
+
+    async def submit(self, request: SubmitRequest, actor: str | None = None) -> Submitted:
+        """Store one intent idempotently (same key + same request returns the existing one)."""
+        (result,) = await self.submit_many([self.build_intent(request)], actor)
+        if isinstance(result, FarmhandError):
+            raise result
+        return result
+
+    async def submit_many(
+        self, intents: Sequence[Intent], actor: str | None = None
+    ) -> list[Submitted | ConflictError]:
+        """Store many validated intents in one transaction; conflicts are returned, not raised."""
+        items = [NewIntent(i, IntentState.PENDING, actor or f"agent:{i.agent}") for i in intents]
+        stored = await self.store.put_intents(items)
+        results: list[Submitted | ConflictError] = []
+        for intent, (status, created) in zip(intents, stored, strict=True):
+            if created or status.id == intent.id:
+                results.append(Submitted(status, True))
+            elif (status.payload_hash, status.kind, status.account) == (
+                intent.payload_hash,
+                intent.kind,
+                intent.account,
+            ):
+                results.append(Submitted(status, False))
+            else:
+                results.append(
+                    ConflictError(
+                        f"idempotency key {intent.key!r} is already used by intent {status.id} "
+                        f"({status.kind}, account {status.account}, payload {status.payload_hash});"
+                        f" this request has {intent.kind}, account {intent.account}, payload "
+                        f"{intent.payload_hash}. Use a new key for a different action"
+                    )
+                )
+        return results
+
+    async def status(self, ref: str) -> IntentStatus:
+        """The intent with this id or key."""
+        found = await self.store.get_intent(ref)
+        if found is None:
+            raise NotFound(f"no intent with id or key {ref!r}; see farmhand list")
+        return found
+
+    async def list_intents(self, query: IntentQuery) -> list[IntentStatus]:
+        """Intents matching ``query``, newest first."""
+        return await self.store.list_intents(query)
+
+    async def _change(
+        self,
+        ref: str,
+        to_state: IntentState,
+        from_states: tuple[IntentState, ...],
+        actor: str,
+        action: str,
+        reason: str | None,
+        **extra: Any,
+    ) -> IntentStatus:
+        current = await self.status(ref)
+        if current.state not in from_states:
+            raise InvalidTransition(
+                f"intent {current.id} is {current.state}; {action} needs it to be "
+                + " or ".join(from_states)
+            )
+        change = Change(
+            intent_id=current.id,
+            to_state=to_state,
+            actor=actor,
+            action=action,
+            reason=reason,
+            from_states=(current.state,),
+            **extra,
+        )
+        (applied,) = await self.store.apply([change])
+        if not applied:
+            now = await self.status(current.id)
+            raise InvalidTransition(
+                f"intent {current.id} changed to {now.state} while {action} was being applied; "
+                "check farmhand status and try again"
+            )
+        return await self.status(current.id)
+
+    async def cancel(self, ref: str, actor: str, reason: str | None = None) -> IntentStatus:
+        """Withdraw an intent that has not run (pending, awaiting approval or retry-wait)."""
+        return await self._change(
+            ref,
+            IntentState.CANCELLED,
+            (IntentState.PENDING, IntentState.AWAITING_APPROVAL, IntentState.RETRY_WAIT),
+            actor,
+            "cancel",
+            reason or "cancelled by request",
+        )
+
+    async def resolve(
+        self,
+        ref: str,
+        outcome: str,
+        actor: str,
+        reason: str | None = None,
+        external_id: str | None = None,
+        url: str | None = None,
+    ) -> IntentStatus:
+        """Settle an intent in ``unknown``: ``succeeded``, ``retry`` or ``fail``."""
+        current = await self.status(ref)
+        if current.state is not IntentState.UNKNOWN:
+            raise InvalidTransition(
+                f"intent {current.id} is {current.state}; only unknown intents can be resolved"
+            )
+        now = utc(self._clock.now())
+        if outcome == "succeeded":
+            receipt = Receipt(
+                id=new_id("rc"),
+                intent_id=current.id,
+                attempt=current.attempts,
+                outcome=Outcome.SUCCEEDED,
+                external_id=external_id,
+                url=url,
+                executor=actor,
+                fencing_token=current.lease_token,
+                source=ReceiptSource.HUMAN,
+                finished_at=now,
+                detail={"reason": reason} if reason else {},
+            )
+            return await self._change(
+                ref,
+                IntentState.SUCCEEDED,
+                (IntentState.UNKNOWN,),
+                actor,
+                "resolve.succeeded",
+                reason or "confirmed by hand",
+                receipt=receipt,
+            )
+        if outcome == "retry":
+            extra = 1 if current.attempts >= current.max_attempts else 0
+            return await self._change(
+                ref,
+                IntentState.PENDING,
+                (IntentState.UNKNOWN,),
+                actor,
+                "resolve.retry",
+                reason or "retry requested by hand",
+                extra_attempts=extra,
+            )
+        if outcome == "fail":
+            receipt = Receipt(
+                id=new_id("rc"),
+                intent_id=current.id,
+                attempt=current.attempts,
+                outcome=Outcome.FAILED,
+                error=reason or "marked failed by hand",
+                retryable=False,
+                executor=actor,
+                fencing_token=current.lease_token,
+                source=ReceiptSource.HUMAN,
+                finished_at=now,
+            )
+            return await self._change(
+                ref,
+                IntentState.DEAD,
+                (IntentState.UNKNOWN,),
+                actor,
+                "resolve.fail",
+                reason or "marked failed by hand",
+                receipt=receipt,
+            )
+        raise InvalidInput(f"unknown resolution {outcome!r}; use succeeded, retry or fail")
+
+    async def requeue(self, ref: str, actor: str, reason: str | None = None) -> IntentStatus:
+        """Send a dead letter back to pending with a fresh allowance of attempts."""
+        return await self._change(
+            ref,
+            IntentState.PENDING,
+            (IntentState.DEAD,),
+            actor,
+            "dlq.retry",
+            reason or "re-queued from the dead-letter queue",
+            extra_attempts=REQUEUE_ATTEMPTS,
+        )
+
+    async def set_gate(
+        self,
+        open_: bool,
+        actor: str,
+        kind: str | None = None,
+        account: str | None = None,
+        reason: str | None = None,
+    ) -> GateRule:
+        """Close (kill switch off) or open a scope: everything, one kind, one account, or both."""
+        if kind is not None:
+            connector_class(kind)
+        rule = GateRule(
+            kind=kind,
+            account=account,
+            open=open_,
+            actor=actor,
+            reason=reason,
+            changed_at=utc(self._clock.now()),
+        )
+        await self.store.set_gate(rule)
+        return rule
+
+    async def gates(self) -> list[GateRule]:
+        """Every gate rule set so far (open and closed)."""
+        return await self.store.gates()
