@@ -1,0 +1,1 @@
+"""The ``farmhand`` command line: a thin synchronous shell over the Python API."""

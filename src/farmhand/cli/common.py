@@ -1,0 +1,121 @@
+"""What every command shares: store/actor options, running the async API, printing results.
+
+Kept free of heavy imports: an agent calls the CLI once per action, so start-up time counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from farmhand.config import Settings
+    from farmhand.coordinator import Coordinator
+
+T = TypeVar("T")
+
+StoreOption = Annotated[
+    str | None,
+    typer.Option(
+        "--store",
+        envvar="FARMHAND_STORE",
+        help="Store URL, e.g. sqlite:///path/farmhand.db (default: under $FARMHAND_HOME).",
+        show_default=False,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+ActorOption = Annotated[
+    str | None,
+    typer.Option(
+        "--as",
+        envvar="FARMHAND_ACTOR",
+        help="Who is acting, for the audit log (default: your user name).",
+        show_default=False,
+    ),
+]
+
+
+def actor_name(value: str | None) -> str:
+    """The actor recorded in the audit log."""
+    if value:
+        return value
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return os.environ.get("USER", "unknown")
+
+
+def settings_for(store: str | None) -> Settings:
+    """Settings resolved from the flag, the environment and farmhand.toml."""
+    from farmhand.config import load
+
+    return load(store=store)
+
+
+def with_coordinator(
+    store: str | None, action: Callable[[Coordinator, Settings], Awaitable[T]]
+) -> T:
+    """Open the store, run ``action`` with a coordinator, close the store."""
+    settings = settings_for(store)
+
+    async def run() -> T:
+        from farmhand.coordinator import Coordinator
+        from farmhand.store import open_store
+
+        opened = await open_store(settings.store_url)
+        try:
+            return await action(Coordinator(opened), settings)
+        finally:
+            await opened.close()
+
+    return asyncio.run(run())
+
+
+def print_json(value: Any) -> None:
+    """Print a model, a list of models or plain data as JSON on stdout."""
+    sys.stdout.write(json.dumps(_plain(value), ensure_ascii=False) + "\n")
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "model_dump"):
+        model: BaseModel = value
+        return model.model_dump(mode="json")
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def note(message: str) -> None:
+    """A human-facing remark on stderr (never mixed into stdout)."""
+    sys.stderr.write(f"farmhand: {message}\n")
+
+
+def table(title: str | None, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> None:
+    """Print a Rich table on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Table(title=title, show_lines=False, header_style="bold")
+    for column in columns:
+        out.add_column(column, overflow="fold")
+    for row in rows:
+        out.add_row(*("" if cell is None else str(cell) for cell in row))
+    Console().print(out)
+
+
+def when(value: Any) -> str:
+    """A timestamp shown to humans (seconds precision, UTC)."""
+    if value is None:
+        return ""
+    return str(value.strftime("%Y-%m-%d %H:%M:%SZ"))

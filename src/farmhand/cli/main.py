@@ -1,0 +1,69 @@
+"""The ``farmhand`` entry point: wiring only, every command lives in its own module.
+
+Exit codes: 0 ok, 1 error, 2 invalid input or usage, 3 idempotency conflict, 4 not found,
+5 store error, 6 invalid state transition, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from farmhand._version import __version__
+from farmhand.cli import dlq, executor, gate, intents, schema, setup
+from farmhand.errors import FarmhandError
+
+app = typer.Typer(
+    name="farmhand",
+    help="Intents in, receipts out: safe side effects for AI-agent farms.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"farmhand {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Intents in, receipts out: safe side effects for AI-agent farms."""
+
+
+app.command()(setup.init)
+app.command()(setup.up)
+app.command()(intents.submit)
+app.command()(intents.status)
+app.command("list")(intents.list_)
+app.command()(intents.receipts)
+app.command()(intents.cancel)
+app.command()(intents.resolve)
+app.command()(intents.audit)
+app.command()(schema.schema)
+app.add_typer(gate.app, name="gate")
+app.add_typer(dlq.app, name="dlq")
+app.add_typer(executor.app, name="executor")
+
+
+def main() -> None:
+    """Run the CLI; farmhand errors become one line on stderr and their exit code."""
+    try:
+        app(prog_name="farmhand")
+    except FarmhandError as exc:
+        message = str(exc).replace("\n", " ")
+        sys.stderr.write(f"farmhand: error: {message}\n")
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write("farmhand: interrupted\n")
+        sys.exit(130)
