@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import dataclasses
 import signal
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -118,7 +117,7 @@ async def run_demo(settings: Settings, duration: float | None) -> int:
                 if submitted.created
                 else "  (same key and payload: same intent, not stored again)"
             )
-            console.print(f"submitted {request.key} -> {submitted.status.id}{note}")
+            console.print(f"submitted {request.key} -> {submitted.status.id}{note}", soft_wrap=True)
             if submitted.status.id not in ids:
                 ids.append(submitted.status.id)
 
@@ -133,8 +132,6 @@ async def run_demo(settings: Settings, duration: float | None) -> int:
             while not stop.is_set():
                 statuses = await snapshot()
                 live.update(_render(statuses, sink), refresh=True)
-                if settled(statuses) and duration is None and not sys.stdin.isatty():
-                    break
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 0.25)
         if settled(statuses):

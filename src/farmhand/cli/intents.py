@@ -35,6 +35,7 @@ _BATCH_FIELDS = {
     "not_before",
     "expires_at",
     "max_attempts",
+    "schema_version",
 }
 
 
@@ -75,6 +76,10 @@ def _batch_line(number: int, text: str) -> SubmitRequest:
     unknown = sorted(set(item) - _BATCH_FIELDS)
     if unknown:
         raise InvalidInput(f"line {number}: unknown field(s) {', '.join(unknown)}")
+    if "schema_version" in item:
+        from farmhand.contracts import check_schema_version
+
+        check_schema_version(f"line {number}", item["schema_version"])
     missing = [name for name in ("kind", "key", "payload") if name not in item]
     if missing:
         raise InvalidInput(f"line {number}: missing field(s) {', '.join(missing)}")
