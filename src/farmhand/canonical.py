@@ -19,9 +19,14 @@ def canonical_json(value: Any) -> bytes:
         text = json.dumps(
             value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
         )
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(
+            "value contains a lone UTF-16 surrogate (e.g. \\ud800), which is not valid "
+            "Unicode; send well-formed text"
+        ) from None
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"value is not canonical JSON: {exc}") from exc
-    return text.encode("utf-8")
 
 
 def sha256_hex(data: bytes) -> str:

@@ -51,7 +51,7 @@ TRANSITIONS: dict[IntentState, frozenset[IntentState]] = {
 
 #: States an executor may claim once their time has come.
 CLAIMABLE = (S.PENDING, S.RETRY_WAIT)
-#: States that still need an executor (used by `executor run --drain`).
+#: States whose intents still need an executor to reach an outcome.
 ACTIVE = (S.PENDING, S.RETRY_WAIT, S.RUNNING)
 
 

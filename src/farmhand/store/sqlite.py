@@ -593,8 +593,12 @@ class SQLiteStore:
 
         def run() -> Readiness:
             db = self._conn()
+            # leases under a closed gate cannot be taken over, so they are not counted:
+            # an executor would otherwise spin on (or drain-wait for) an expired one forever
             running, lease_min = db.execute(
                 "SELECT count(*), min(lease_expires) FROM intents WHERE state = 'running'"
+                f"{gate_sql}",
+                gate_params,
             ).fetchone()
             (ready_min,) = db.execute(
                 f"SELECT min(ready_at) FROM intents WHERE {_CLAIMABLE}{gate_sql}", gate_params
