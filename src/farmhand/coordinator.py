@@ -86,7 +86,7 @@ class Coordinator:
                 f"payload is {size} bytes; the limit is {MAX_PAYLOAD_BYTES}: store large "
                 "content elsewhere and pass a reference"
             )
-        connector.validate(request.payload)
+        connector.validate(request.payload, request.key)
         try:
             return Intent(
                 id=new_id("in"),

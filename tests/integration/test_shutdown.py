@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -45,6 +46,23 @@ def submit_slow(home: Path, sink: WebhookSink, count: int, ms: int) -> None:
         cli(home, "submit", "webhook.post", "--key", f"slow-{i}", "--payload", payload)
 
 
+@contextlib.contextmanager
+def executor_process(home: Path, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """A real executor process, killed at the end whatever happened."""
+    process = subprocess.Popen(
+        [FARMHAND, "executor", "run", *args],
+        env=env_for(home),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=30)
+
+
 def wait_running(home: Path, count: int, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -60,12 +78,7 @@ def test_in_flight_calls_finish_within_grace(
     tmp_path: Path, sink: WebhookSink, signum: signal.Signals
 ) -> None:
     submit_slow(tmp_path, sink, count=4, ms=1000)
-    with subprocess.Popen(
-        [FARMHAND, "executor", "run", "--concurrency", "2", "--grace", "10"],
-        env=env_for(tmp_path),
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as executor:
+    with executor_process(tmp_path, "--concurrency", "2", "--grace", "10") as executor:
         wait_running(tmp_path, 2)
         executor.send_signal(signum)
         _, err = executor.communicate(timeout=30)
@@ -78,12 +91,7 @@ def test_in_flight_calls_finish_within_grace(
 
 def test_calls_past_grace_are_left_for_reconciliation(tmp_path: Path, sink: WebhookSink) -> None:
     submit_slow(tmp_path, sink, count=1, ms=4000)
-    with subprocess.Popen(
-        [FARMHAND, "executor", "run", "--grace", "0.2", "--lease-ttl", "2"],
-        env=env_for(tmp_path),
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as executor:
+    with executor_process(tmp_path, "--grace", "0.2", "--lease-ttl", "2") as executor:
         wait_running(tmp_path, 1)
         started = time.monotonic()
         executor.send_signal(signal.SIGTERM)

@@ -82,10 +82,10 @@ def test_repeat_gets_the_same_answer_and_no_new_effect(
 
 def test_repeat_is_replayed_whatever_the_path(sink: WebhookSink, client: httpx.Client) -> None:
     first = post(client, "/ok", "k-1")
-    for path in ("/fail", "/reject", "/ratelimit", "/flaky?fail_times=3"):
+    for path in ("/fail", "/reject", "/ratelimit", "/flaky?fail_times=3", "/slow?ms=bad"):
         again = post(client, path, "k-1")
         assert (again.status_code, again.content) == (201, first.content)
-    assert sink.repeated_calls() == 4
+    assert sink.repeated_calls() == 5
     assert len(sink.effects()) == 1
 
 
@@ -261,16 +261,13 @@ def test_wait_for_calls(sink: WebhookSink, client: httpx.Client) -> None:
 
 
 def test_calls_are_in_arrival_order(sink: WebhookSink) -> None:
-    done = threading.Event()
-
     def slow() -> None:
         with httpx.Client(timeout=10.0) as http:
             http.post(f"{sink.url}/slow?ms=300", headers={"Idempotency-Key": "slow"})
-        done.set()
 
     thread = threading.Thread(target=slow)
     thread.start()
-    time.sleep(0.1)
+    assert _eventually(lambda: sink._arrivals >= 1)
     with httpx.Client(timeout=10.0) as http:
         http.post(f"{sink.url}/ok", headers={"Idempotency-Key": "fast"})
     thread.join()

@@ -66,8 +66,9 @@ class Connector:
 
     kind: ClassVar[str]
 
-    def validate(self, payload: dict[str, Any]) -> None:
-        """Raise :class:`farmhand.errors.InvalidInput` if ``payload`` cannot be executed."""
+    def validate(self, payload: dict[str, Any], key: str) -> None:
+        """Raise :class:`farmhand.errors.InvalidInput` if this payload and idempotency key
+        cannot be executed (checked at submit and again before every attempt)."""
 
     def idempotent(self, account: AccountConfig) -> bool:
         """Whether repeating a call for ``account`` can never duplicate the effect."""

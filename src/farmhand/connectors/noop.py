@@ -19,7 +19,7 @@ class NoopConnector(Connector):
 
     kind: ClassVar[str] = "noop"
 
-    def validate(self, payload: dict[str, Any]) -> None:
+    def validate(self, payload: dict[str, Any], key: str) -> None:
         delay = payload.get("delay_ms", 0)
         if (
             isinstance(delay, bool)

@@ -8,7 +8,9 @@ honours Idempotency-Key, in which case sending again is safe.
 
 from __future__ import annotations
 
+import datetime
 import email.utils
+import re
 import time
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -22,6 +24,8 @@ if TYPE_CHECKING:
     import httpx
 
 _RETRYABLE_STATUS = frozenset({408, 425, 429})
+# an HTTP field value: visible ASCII, inner spaces allowed, no surrounding whitespace
+_HEADER_SAFE = re.compile(r"^[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?$")
 _BODY_EXCERPT = 200
 
 
@@ -41,12 +45,14 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
+    if when.tzinfo is None:  # the asctime form carries no zone; HTTP dates are always GMT
+        when = when.replace(tzinfo=datetime.UTC)
     return max(0.0, when.timestamp() - (now if now is not None else time.time()))
 
 
@@ -58,7 +64,12 @@ class WebhookConnector(Connector):
     def __init__(self) -> None:
         self._client: httpx.AsyncClient | None = None
 
-    def validate(self, payload: dict[str, Any]) -> None:
+    def validate(self, payload: dict[str, Any], key: str) -> None:
+        if not _HEADER_SAFE.match(key):
+            raise InvalidInput(
+                "webhook.post sends the idempotency key unchanged in the Idempotency-Key header, "
+                "so it must be visible ASCII without leading or trailing spaces; choose another key"
+            )
         try:
             parsed = WebhookPayload.model_validate(payload)
         except ValidationError as exc:
@@ -88,6 +99,8 @@ class WebhookConnector(Connector):
         import httpx
 
         payload = WebhookPayload.model_validate(call.intent.payload)
+        if not _HEADER_SAFE.match(call.intent.key):
+            return Failed(error="idempotency key cannot be sent as an HTTP header", retryable=False)
         headers = {**payload.headers, "Idempotency-Key": call.intent.key}
         try:
             response = await self._http().request(

@@ -205,7 +205,7 @@ class Executor:
     def _invalid(self, claim: Claim) -> str | None:
         """Why this executor cannot run the intent at all, or None."""
         try:
-            self._connectors.get(claim.intent.kind).validate(claim.intent.payload)
+            self._connectors.get(claim.intent.kind).validate(claim.intent.payload, claim.intent.key)
         except FarmhandError as exc:
             return f"cannot execute on {self.id}: {exc}"
         return None
