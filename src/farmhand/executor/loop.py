@@ -363,6 +363,8 @@ class Executor:
         requested = self._clock.monotonic()
         renewed = await self.store.renew([h.lease for h in held], self.ttl)
         for item, lease in zip(held, renewed, strict=True):
+            if self._held.get(item.claim.intent.id) is not item:
+                continue  # finished (and its lease ended) while the renewal was in flight
             if lease is None:
                 log.warning(
                     "lease on %s lost (token %d taken over); its receipt will be refused",
