@@ -464,19 +464,23 @@ async def test_takeover_not_idempotent_parks_unknown(
     assert (await status(store, intent.id)).state is S.SUCCEEDED
 
 
-async def test_takeover_of_last_attempt_dead_letters(
+async def test_takeover_of_last_attempt_waits_for_a_human(
     store: Store, settings: Settings, clock: FakeClock, coordinator: Coordinator
 ) -> None:
+    # the interrupted last attempt may have taken effect even where resending is harmless:
+    # with no attempt left to resend, it is not dead-lettered as if it had surely failed
     intent = await submit(coordinator, max_attempts=1)
     await crash_mid_call(store, clock, settings)
     connector = CountingNoop()
     stats = await run(store, settings, clock, connector)
     assert connector.calls == []
-    assert stats.dead == 1
-    dead = await status(store, intent.id)
-    assert dead.state is S.DEAD
-    (receipt,) = dead.receipts
-    assert (receipt.source, receipt.outcome) == (ReceiptSource.RECONCILE, Outcome.FAILED)
+    assert (stats.dead, stats.unknown) == (0, 1)
+    parked = await status(store, intent.id)
+    assert parked.state is S.UNKNOWN
+    assert parked.reason is not None
+    assert "may have taken effect" in parked.reason
+    (receipt,) = parked.receipts
+    assert (receipt.source, receipt.outcome) == (ReceiptSource.RECONCILE, Outcome.UNKNOWN)
 
 
 async def test_takeover_before_attempt_started_just_runs(

@@ -5,7 +5,6 @@ Kept free of heavy imports: an agent calls the CLI once per action, so start-up 
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import json
 import os
@@ -65,6 +64,8 @@ def with_coordinator(
     store: str | None, action: Callable[[Coordinator, Settings], Awaitable[T]]
 ) -> T:
     """Open the store, run ``action`` with a coordinator, close the store."""
+    import asyncio
+
     settings = settings_for(store)
 
     async def run() -> T:

@@ -61,12 +61,16 @@ async def serve(settings: Settings, executor_id: str | None, drain: bool) -> Exe
     from farmhand.executor import Executor
     from farmhand.store import open_store
 
-    store = await open_store(settings.store_url)
-    executor = Executor(store, settings, executor_id=executor_id, drain=drain)
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
+    executor: Executor | None = None
+    stop_early = False
 
     def on_signal(signum: int) -> None:
+        nonlocal stop_early
+        if executor is None:  # still starting: stop as soon as there is something to stop
+            stop_early = True
+            return
         if executor.stopping:
             log.warning("second %s: stopping now", signal.Signals(signum).name)
             if task is not None:
@@ -81,6 +85,15 @@ async def serve(settings: Settings, executor_id: str | None, drain: bool) -> Exe
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        store = await open_store(settings.store_url)
+    except BaseException:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        raise
+    executor = Executor(store, settings, executor_id=executor_id, drain=drain)
+    if stop_early:
+        executor.stop()
     log.info(
         "executor %s on %s, concurrency %d, lease %.0fs",
         executor.id,

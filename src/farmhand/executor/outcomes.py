@@ -128,8 +128,14 @@ def after_reconcile(claim: Claim, attempt: Attempt, found: Reconciled, now: floa
             claim, n, Outcome.FAILED, now, source, attempt, error=error, retryable=True
         )
         if n >= claim.max_attempts:
-            reason = f"gave up after {n} attempts; last error: {error}"
-            return _change(claim, IntentState.DEAD, "dead_letter", reason, receipt=receipt)
+            # "absent" may only mean "resending is harmless": the interrupted call could have
+            # taken effect, so with no attempt left a human decides rather than the DLQ
+            reason = (
+                f"out of attempts ({n}) and the last one was interrupted; it may have taken "
+                f"effect: check the target, then run farmhand resolve ({found.reason})"
+            )
+            receipt = _receipt(claim, n, Outcome.UNKNOWN, now, source, attempt, error=reason)
+            return _change(claim, IntentState.UNKNOWN, "reconcile.unknown", reason, receipt=receipt)
         return _change(
             claim, IntentState.RETRY_WAIT, "reconcile.retry", error, receipt=receipt, ready_at=now
         )
