@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import signal
@@ -58,6 +57,8 @@ async def serve(settings: Settings, executor_id: str | None, drain: bool) -> Exe
 
     A second signal stops at once; calls then in flight are reconciled by the next holder.
     """
+    import asyncio
+
     from farmhand.executor import Executor
     from farmhand.store import open_store
 
@@ -132,6 +133,8 @@ def run(
     as_json: JsonOption = False,
 ) -> None:
     """Claim and execute intents until stopped (SIGTERM/SIGINT) or, with --drain, until idle."""
+    import asyncio
+
     configure_logging(verbose)
     settings = with_overrides(settings_for(store), lease_ttl, grace, concurrency)
     try:

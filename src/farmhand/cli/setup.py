@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from typing import TYPE_CHECKING, Annotated
 
@@ -38,6 +37,8 @@ honours_idempotency_key = false
 
 def init(store: StoreOption = None, as_json: JsonOption = False) -> None:
     """Create the home directory, a commented farmhand.toml and the store."""
+    import asyncio
+
     from farmhand.config import CONFIG_NAME
 
     settings = settings_for(store)
@@ -80,6 +81,8 @@ def up(
     store: StoreOption = None,
 ) -> None:
     """Run the main job: an executor on the store (with --demo, a self-contained demo)."""
+    import asyncio
+
     from farmhand.cli.executor import configure_logging, with_overrides
 
     settings: Settings = with_overrides(settings_for(store), concurrency=concurrency)

@@ -33,7 +33,9 @@ def check_schema_version(name: str, version: object) -> None:
 class Contract(BaseModel):
     """A versioned record on the wire. Unknown fields of a newer minor version are ignored."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    # defer_build: schemas are built on first use, so a CLI call pays only for the
+    # contracts it touches (the abstract base and unused contracts are never built)
+    model_config = ConfigDict(frozen=True, extra="ignore", defer_build=True)
     contract_name: ClassVar[str] = "contract"
 
     schema_version: str = SCHEMA_VERSION
