@@ -21,9 +21,15 @@ from farmhand._version import __version__
 from farmhand.cli import dlq, executor, gate, intents, schema, setup
 from farmhand.errors import FarmhandError
 
+EXIT_CODES = (
+    "Exit codes: 0 ok, 1 error, 2 invalid input or usage, 3 idempotency conflict, "
+    "4 not found, 5 store error, 6 invalid state transition, 130 interrupted."
+)
+
 app = typer.Typer(
     name="farmhand",
     help="Intents in, receipts out: safe side effects for AI-agent farms.",
+    epilog=EXIT_CODES,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
