@@ -8,23 +8,61 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from farmhand.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from farmhand.policy import Policy
 
 CONFIG_NAME = "farmhand.toml"
 
 
 @dataclass(frozen=True, slots=True)
+class Limit:
+    """A rate limit: ``rate`` calls per second on average, bursts of up to ``burst``."""
+
+    rate: float
+    burst: int
+
+
+@dataclass(frozen=True, slots=True)
 class AccountConfig:
-    """What the executor host knows about one account."""
+    """What the executor host knows about one account.
+
+    ```toml
+    [accounts.billing]
+    kinds = ["webhook.post"]          # kinds that may act as this account ("*" = any)
+    secret = "BILLING_TOKEN"          # name of the executor-side secret it uses
+    honours_idempotency_key = true    # the target dedupes on Idempotency-Key
+    rate = 5.0                        # calls per second, shared by every executor...
+    burst = 5                         # ...with bursts of up to this many
+    [accounts.billing.kind_limits."webhook.post"]
+    rate = 2.0
+    burst = 2
+    ```
+    """
 
     name: str
     #: the target honours Idempotency-Key (or the connector's equivalent), so re-sending
     #: after an interrupted call cannot duplicate the effect
     honours_idempotency_key: bool = False
+    kinds: tuple[str, ...] = ("*",)
+    secret: str | None = None
+    limit: Limit | None = None
+    kind_limits: Mapping[str, Limit] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    """Circuit breaker per connector + account: opens after ``failures`` consecutive
+    failures, lets one probe through after ``cooldown`` seconds, closes on success."""
+
+    failures: int = 5
+    cooldown: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +91,9 @@ class Settings:
     store_url: str
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     accounts: dict[str, AccountConfig] = field(default_factory=dict)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    #: None when farmhand.toml declares no agents: the executor then refuses to act
+    policy: Policy | None = None
 
     def account(self, name: str) -> AccountConfig:
         """The configuration of ``name`` (defaults when it is not configured)."""
@@ -64,7 +105,7 @@ def default_home() -> Path:
     return Path(os.environ.get("FARMHAND_HOME") or ".farmhand").expanduser()
 
 
-def _number(table: dict[str, Any], key: str, default: float, where: str) -> float:
+def _number(table: Mapping[str, Any], key: str, default: float, where: str) -> float:
     value = table.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         raise InvalidInput(f"{where}: {key} must be a non-negative number, got {value!r}")
@@ -99,12 +140,61 @@ def load(store: str | None = None, home: Path | None = None) -> Settings:
             max_delay=_number(retry, "max_delay", 300.0, where + ".retry"),
         ),
     )
-    accounts = {}
-    for name, table in data.get("accounts", {}).items():
-        honours = table.get("honours_idempotency_key", False)
-        if not isinstance(honours, bool):
-            raise InvalidInput(
-                f"{path} [accounts.{name}]: honours_idempotency_key must be true/false"
-            )
-        accounts[name] = AccountConfig(name=name, honours_idempotency_key=honours)
-    return Settings(home=home, store_url=str(store_url), executor=executor, accounts=accounts)
+    from farmhand.policy import parse as parse_policy
+
+    accounts = {
+        name: _account(name, table, path) for name, table in data.get("accounts", {}).items()
+    }
+    breaker_table = data.get("breaker", {})
+    breaker = BreakerConfig(
+        failures=max(1, int(_number(breaker_table, "failures", 5, f"{path} [breaker]"))),
+        cooldown=_number(breaker_table, "cooldown", 30.0, f"{path} [breaker]"),
+    )
+    return Settings(
+        home=home,
+        store_url=str(store_url),
+        executor=executor,
+        accounts=accounts,
+        breaker=breaker,
+        policy=parse_policy(data, str(path)),
+    )
+
+
+def _limit(table: Mapping[str, Any], where: str) -> Limit | None:
+    if "rate" not in table and "burst" not in table:
+        return None
+    rate = _number(table, "rate", 0.0, where)
+    if rate <= 0:
+        raise InvalidInput(f"{where}: rate must be a positive number of calls per second")
+    burst = table.get("burst", max(1, int(rate)))
+    if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+        raise InvalidInput(f"{where}: burst must be a positive integer")
+    return Limit(rate=rate, burst=burst)
+
+
+def _account(name: str, table: Mapping[str, Any], path: Path) -> AccountConfig:
+    where = f"{path} [accounts.{name}]"
+    if not isinstance(table, dict):
+        raise InvalidInput(f"{where} must be a table")
+    honours = table.get("honours_idempotency_key", False)
+    if not isinstance(honours, bool):
+        raise InvalidInput(f"{where}: honours_idempotency_key must be true/false")
+    kinds = table.get("kinds", ["*"])
+    if not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds):
+        raise InvalidInput(f"{where}: kinds must be a list of strings")
+    secret = table.get("secret")
+    if secret is not None and not isinstance(secret, str):
+        raise InvalidInput(f"{where}: secret must be the name of a secret (a string)")
+    kind_limits = {}
+    for kind, sub in table.get("kind_limits", {}).items():
+        limit = _limit(sub, f"{where}.kind_limits.{kind}")
+        if limit is not None:
+            kind_limits[kind] = limit
+    return AccountConfig(
+        name=name,
+        honours_idempotency_key=honours,
+        kinds=tuple(kinds),
+        secret=secret,
+        limit=_limit(table, where),
+        kind_limits=kind_limits,
+    )

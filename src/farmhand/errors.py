@@ -51,5 +51,11 @@ class InvalidTransition(FarmhandError):
     exit_code = 6
 
 
+class Forbidden(FarmhandError):
+    """The policy does not allow this agent to request this. Exit code 7."""
+
+    exit_code = 7
+
+
 class LeaseLost(FarmhandError):
     """The lease was taken over (fencing token no longer current)."""
