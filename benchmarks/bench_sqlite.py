@@ -40,7 +40,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from farmhand.coordinator import Coordinator
+    from farmhand.store import Store
 
 #: reference figures quoted in the output (not measured here)
 HUEY_SQLITE_JOBS_PER_S = 1_900
@@ -113,11 +117,32 @@ def child_env(workdir: Path, opts: Options, bytecode: bool = True) -> dict[str, 
     (an editable install then recompiles farmhand's sources in every process).
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("FARMHAND_")}
-    env["FARMHAND_HOME"] = str(workdir / "home")
+    env["FARMHAND_HOME"] = str(init_home(workdir / "home"))
     if bytecode and opts.pycache is not None:
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         env["PYTHONPYCACHEPREFIX"] = opts.pycache
     return env
+
+
+def init_home(home: Path) -> Path:
+    """Set ``home`` up as `farmhand init` does: starter policy and coordinator key."""
+    from farmhand.cli.setup import ensure_initialised
+    from farmhand.config import load
+
+    ensure_initialised(load(home=home))
+    return home
+
+
+def signed_coordinator(store: Store, url: str) -> Coordinator:
+    """A coordinator for the store at ``url``, signing with its home's key, as the CLI does."""
+    from farmhand.config import load
+    from farmhand.coordinator import Coordinator
+    from farmhand.keys import Keyring
+
+    home = init_home(Path(url.removeprefix("sqlite://")).parent / "home")
+    settings = load(home=home)
+    signer = Keyring(home / "keys").signer("coordinator")
+    return Coordinator(store, policy=settings.policy, signer=signer)
 
 
 def warm_bytecode(opts: Options) -> None:
@@ -168,12 +193,12 @@ def tail(path: Path, lines: int = 15) -> str:
 
 
 async def _preload(url: str, n: int, chunk: int) -> None:
-    from farmhand.coordinator import Coordinator, SubmitRequest, Submitted
+    from farmhand.coordinator import SubmitRequest, Submitted
     from farmhand.store import open_store
 
     store = await open_store(url)
     try:
-        co = Coordinator(store)
+        co = signed_coordinator(store, url)
         for start in range(0, n, chunk):
             intents = [
                 co.build_intent(SubmitRequest(kind="noop", key=f"bench-{i}", payload={}))
@@ -417,13 +442,13 @@ def latency_result(
 
 
 async def _offered_submits(url: str, rate: float, total: int) -> Pacing:
-    from farmhand.coordinator import Coordinator, SubmitRequest
+    from farmhand.coordinator import SubmitRequest
     from farmhand.store import open_store
 
     store = await open_store(url)
     pacing = Pacing()
     try:
-        co = Coordinator(store)
+        co = signed_coordinator(store, url)
         start = time.perf_counter() + 0.05
         for i in range(total):
             due = start + i / rate

@@ -11,15 +11,18 @@ import pytest
 from farmhand.clock import FakeClock
 from farmhand.config import RetryConfig, Settings, load
 from farmhand.coordinator import Coordinator
+from farmhand.keys import Keyring
 from farmhand.store import Store, open_store
+from homes import prepare_home
 
 
 @pytest.fixture
 def tmp_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh farmhand home directory; FARMHAND_* variables of the caller are ignored."""
+    """A fresh farmhand home with a permissive policy and a coordinator key; FARMHAND_*
+    variables of the caller are ignored."""
     for name in ("FARMHAND_HOME", "FARMHAND_STORE"):
         monkeypatch.delenv(name, raising=False)
-    return tmp_path
+    return prepare_home(tmp_path)
 
 
 @pytest.fixture
@@ -46,5 +49,7 @@ def settings(tmp_home: Path) -> Settings:
 
 
 @pytest.fixture
-def coordinator(store: Store, clock: FakeClock) -> Coordinator:
-    return Coordinator(store, clock)
+def coordinator(store: Store, clock: FakeClock, settings: Settings) -> Coordinator:
+    """A coordinator that checks the home's policy and signs with its coordinator key."""
+    signer = Keyring(settings.home / "keys").signer("coordinator")
+    return Coordinator(store, clock, policy=settings.policy, signer=signer)

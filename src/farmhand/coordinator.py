@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -14,6 +14,8 @@ from farmhand.clock import Clock, SystemClock
 from farmhand.connectors import connector_class
 from farmhand.contracts import (
     MAX_PAYLOAD_BYTES,
+    Approval,
+    Decision,
     GateRule,
     Intent,
     IntentState,
@@ -26,12 +28,17 @@ from farmhand.contracts.base import utc
 from farmhand.errors import (
     ConflictError,
     FarmhandError,
+    Forbidden,
     InvalidInput,
     InvalidTransition,
     NotFound,
 )
 from farmhand.ids import new_id
 from farmhand.store.base import Change, IntentQuery, NewIntent, Store
+
+if TYPE_CHECKING:
+    from farmhand.policy import Policy
+    from farmhand.signing import Signer
 
 #: Attempts granted to a dead letter re-queued by hand.
 REQUEUE_ATTEMPTS = 5
@@ -69,8 +76,19 @@ def _pydantic_message(exc: ValidationError) -> str:
 class Coordinator:
     """Submits and manages intents on a store, recording who did what and why."""
 
-    def __init__(self, store: Store, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock | None = None,
+        *,
+        policy: Policy | None = None,
+        signer: Signer | None = None,
+    ) -> None:
+        """``policy`` is checked on every submit; ``signer`` (the coordinator's key) signs
+        every intent. Executors refuse unsigned intents and re-check the policy."""
         self.store = store
+        self.policy = policy
+        self.signer = signer
         self._clock = clock or SystemClock()
 
     def build_intent(self, request: SubmitRequest) -> Intent:
@@ -88,7 +106,7 @@ class Coordinator:
             )
         connector.validate(request.payload, request.key)
         try:
-            return Intent(
+            intent = Intent(
                 id=new_id("in"),
                 key=request.key,
                 kind=request.kind,
@@ -103,6 +121,18 @@ class Coordinator:
             )
         except ValidationError as exc:
             raise InvalidInput(_pydantic_message(exc)) from None
+        if self.policy is not None:
+            self.policy.check(intent)
+        if self.signer is not None:
+            from farmhand.signing import sign
+
+            intent = sign(intent, self.signer)
+        return intent
+
+    def _first_state(self, intent: Intent) -> IntentState:
+        if self.policy is not None and self.policy.approval_rule(intent) is not None:
+            return IntentState.AWAITING_APPROVAL
+        return IntentState.PENDING
 
     async def submit(self, request: SubmitRequest, actor: str | None = None) -> Submitted:
         """Store one intent idempotently (same key + same request returns the existing one)."""
@@ -115,7 +145,7 @@ class Coordinator:
         self, intents: Sequence[Intent], actor: str | None = None
     ) -> list[Submitted | ConflictError]:
         """Store many validated intents in one transaction; conflicts are returned, not raised."""
-        items = [NewIntent(i, IntentState.PENDING, actor or f"agent:{i.agent}") for i in intents]
+        items = [NewIntent(i, self._first_state(i), actor or f"agent:{i.agent}") for i in intents]
         stored = await self.store.put_intents(items)
         results: list[Submitted | ConflictError] = []
         for intent, (status, created) in zip(intents, stored, strict=True):
@@ -267,6 +297,89 @@ class Coordinator:
                 receipt=receipt,
             )
         raise InvalidInput(f"unknown resolution {outcome!r}; use succeeded, retry or fail")
+
+    async def decide(
+        self,
+        ref: str,
+        decision: Decision,
+        signer: Signer,
+        reason: str | None = None,
+    ) -> IntentStatus:
+        """Record an approver's signed decision on an intent awaiting approval.
+
+        The approver is the owner of ``signer``'s key. Enough approvals move the intent to
+        pending; one rejection moves it to rejected. Each approval is bound to the intent id,
+        its payload hash and the rule's lifetime, and the executor checks all of them again.
+        """
+        from farmhand.signing import sign
+
+        current = await self.status(ref)
+        if current.state is not IntentState.AWAITING_APPROVAL:
+            raise InvalidTransition(
+                f"intent {current.id} is {current.state}; only intents awaiting approval can "
+                "be approved or rejected"
+            )
+        intent = current.to_intent()
+        rule = self.policy.approval_rule(intent) if self.policy is not None else None
+        if rule is None:
+            raise InvalidTransition(
+                f"no approval rule in farmhand.toml covers intent {current.id} any more; "
+                "cancel it or restore the rule"
+            )
+        approver = signer.owner
+        if approver not in rule.approvers:
+            raise Forbidden(
+                f"{approver!r} is not an approver for {intent.kind} on account "
+                f"{intent.account}; approvers: {', '.join(rule.approvers)}"
+            )
+        now = self._clock.now()
+        approval = sign(
+            Approval(
+                id=new_id("ap"),
+                intent_id=current.id,
+                payload_hash=current.payload_hash,
+                approver=approver,
+                decision=decision,
+                reason=reason,
+                created_at=utc(now),
+                expires_at=utc(now) + timedelta(seconds=rule.lifetime),
+            ),
+            signer,
+        )
+        change: Change | None = None
+        if decision is Decision.REJECT:
+            change = Change(
+                intent_id=current.id,
+                to_state=IntentState.REJECTED,
+                actor=approver,
+                action="reject",
+                reason=reason or f"rejected by {approver}",
+                from_states=(current.state,),
+            )
+        else:
+            approvers = {
+                a.approver
+                for a in await self.store.approvals(current.id)
+                if a.decision is Decision.APPROVE
+                and a.payload_hash == current.payload_hash
+                and a.expires_at.timestamp() > now
+                and a.approver in rule.approvers
+            } | {approver}
+            if len(approvers) >= rule.required:
+                change = Change(
+                    intent_id=current.id,
+                    to_state=IntentState.PENDING,
+                    actor=approver,
+                    action="approve",
+                    reason=f"approved by {', '.join(sorted(approvers))}",
+                    from_states=(current.state,),
+                )
+        if not await self.store.put_approval(approval, change):
+            raise InvalidTransition(
+                f"intent {current.id} changed while the decision was being recorded; check "
+                "farmhand status and try again"
+            )
+        return await self.status(current.id)
 
     async def requeue(self, ref: str, actor: str, reason: str | None = None) -> IntentStatus:
         """Send a dead letter back to pending with a fresh allowance of attempts."""

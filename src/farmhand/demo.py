@@ -18,6 +18,7 @@ from farmhand.contracts import IntentState, IntentStatus
 from farmhand.coordinator import Coordinator, SubmitRequest
 from farmhand.executor import Executor
 from farmhand.ids import new_id
+from farmhand.keys import Keyring
 from farmhand.store import open_store
 from farmhand.testing.sink import WebhookSink
 
@@ -39,7 +40,7 @@ def demo_requests(run: str, sink_url: str) -> list[SubmitRequest]:
             key=f"demo-{run}-{key}",
             payload={"url": f"{sink_url}{path}", "json": body},
             account="demo",
-            agent="demo-agent",
+            agent="local",
             max_attempts=attempts,
         )
 
@@ -50,7 +51,7 @@ def demo_requests(run: str, sink_url: str) -> list[SubmitRequest]:
         hook("post-2", "/slow?ms=300", {"text": "a slow target"}),
         hook("flaky", "/flaky?fail_times=2", {"text": "succeeds on the third attempt"}),
         hook("broken", "/fail", {"text": "this target always fails"}, attempts=3),
-        SubmitRequest(kind="noop", key=f"demo-{run}-noop", payload={}, agent="demo-agent"),
+        SubmitRequest(kind="noop", key=f"demo-{run}-noop", payload={}),
     ]
 
 
@@ -107,7 +108,8 @@ async def run_demo(settings: Settings, duration: float | None) -> int:
     executor = Executor(store, settings, executor_id="demo-executor")
     running = asyncio.create_task(executor.run())
     try:
-        coordinator = Coordinator(store)
+        signer = Keyring(settings.home / "keys").signer("coordinator")
+        coordinator = Coordinator(store, policy=settings.policy, signer=signer)
         run = new_id("r")[-6:]
         ids: list[str] = []
         for request in demo_requests(run, sink.url):

@@ -57,5 +57,11 @@ class Forbidden(FarmhandError):
     exit_code = 7
 
 
+class PolicyMissing(FarmhandError):
+    """No policy is configured, so an executor will not act. Exit code 7."""
+
+    exit_code = 7
+
+
 class LeaseLost(FarmhandError):
     """The lease was taken over (fencing token no longer current)."""

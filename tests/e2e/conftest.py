@@ -9,14 +9,16 @@ from typing import Any
 import pytest
 from e2e_support import ArrivalSink, Executors, Farmhand, clean_env
 
+from homes import prepare_home
+
 #: (test id, figures) stashed by tests through the ``e2e_report`` fixture
 REPORTED: list[tuple[str, dict[str, Any]]] = []
 
 
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
-    """FARMHAND_HOME for this test (not created: farmhand creates what it needs)."""
-    return tmp_path / "home"
+    """FARMHAND_HOME for this test, prepared as `farmhand init` would (policy + key)."""
+    return prepare_home(tmp_path / "home")
 
 
 @pytest.fixture

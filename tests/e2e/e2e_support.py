@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from farmhand.testing.sink import WebhookSink
+from homes import prepare_home
 
 T = TypeVar("T")
 
@@ -39,9 +40,9 @@ def clean_env(home: Path, **extra: str) -> dict[str, str]:
 
 
 def write_config(home: Path, text: str) -> None:
-    """Write ``farmhand.toml`` in ``home`` (created if needed)."""
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "farmhand.toml").write_text(text, encoding="utf-8")
+    """Write ``farmhand.toml`` in ``home`` (created if needed), with the test policy added
+    unless ``text`` declares agents, and a coordinator key."""
+    prepare_home(home, text)
 
 
 def poll(what: str, check: Callable[[], T | None], timeout: float, interval: float = 0.05) -> T:

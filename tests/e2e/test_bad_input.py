@@ -22,6 +22,7 @@ import pytest
 from e2e_support import Farmhand, clean_env, stderr_lines
 
 from farmhand.canonical import payload_hash
+from homes import prepare_home
 
 INVALID, CONFLICT, STORE = 2, 3, 5
 
@@ -67,7 +68,7 @@ class Seeded:
 def seeded(tmp_path_factory: pytest.TempPathFactory) -> Seeded:
     root = tmp_path_factory.mktemp("seeded")
     (root / "cwd").mkdir()
-    farmhand = Farmhand(clean_env(root / "home"), cwd=root / "cwd")
+    farmhand = Farmhand(clean_env(prepare_home(root / "home")), cwd=root / "cwd")
     farmhand.submit_batch(
         [
             {"kind": "noop", "key": "seed-1", "payload": {}},
@@ -252,7 +253,7 @@ def test_store_whose_parent_is_a_file_is_a_store_error(farmhand: Farmhand, tmp_p
     ):
         assert_one_error(farmhand.run(*args, "--store", url), STORE, str(blocker))
     assert blocker.read_text(encoding="utf-8") == "a regular file\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "not-a-dir"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "home", "not-a-dir"]
 
 
 @pytest.fixture
@@ -322,8 +323,8 @@ def test_missing_store_directory_is_created(farmhand: Farmhand, tmp_path: Path) 
     intent_id = farmhand.ok("submit", "noop", "--key", "k-1", "--payload", "{}", "--store", url)
     assert db.is_file()
     assert farmhand.json("status", "k-1", "--store", url)["id"] == intent_id.strip()
-    # the default store under a FARMHAND_HOME that does not exist yet
-    assert not farmhand.home.exists()
+    # the default store under FARMHAND_HOME, whose database does not exist yet
+    assert not farmhand.db.exists()
     farmhand.ok("submit", "noop", "--key", "k-2", "--payload", "{}")
     assert farmhand.db.is_file()
     assert [i["key"] for i in farmhand.intents()] == ["k-2"]

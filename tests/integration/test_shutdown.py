@@ -16,8 +16,15 @@ from typing import Any
 import pytest
 
 from farmhand.testing.sink import WebhookSink
+from homes import prepare_home
 
 FARMHAND = str(Path(sys.executable).with_name("farmhand"))
+
+
+@pytest.fixture(autouse=True)
+def _policy_and_key(tmp_path: Path) -> None:
+    """Tests use tmp_path as FARMHAND_HOME: give it what `farmhand init` would."""
+    prepare_home(tmp_path)
 
 
 @pytest.fixture

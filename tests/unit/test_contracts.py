@@ -183,4 +183,5 @@ def test_schemas_cover_every_contract() -> None:
         "lease",
         "audit_event",
         "gate",
+        "approval",
     }

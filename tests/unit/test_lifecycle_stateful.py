@@ -203,7 +203,8 @@ class LifecycleMachine(RuleBasedStateMachine):
         n = claim.open_attempt.attempt
         expected = {
             "found": S.SUCCEEDED,
-            "absent": S.DEAD if n >= claim.max_attempts else S.RETRY_WAIT,
+            # an interrupted last attempt may have taken effect: a human decides (64d2303)
+            "absent": S.UNKNOWN if n >= claim.max_attempts else S.RETRY_WAIT,
             "uncertain": S.UNKNOWN,
         }[found]
         assert self.status(claim.intent.id).state is expected

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
     from farmhand.config import Settings
     from farmhand.coordinator import Coordinator
+    from farmhand.signing import Signer
 
 T = TypeVar("T")
 
@@ -61,12 +62,26 @@ def settings_for(store: str | None) -> Settings:
 
 
 def with_coordinator(
-    store: str | None, action: Callable[[Coordinator, Settings], Awaitable[T]]
+    store: str | None,
+    action: Callable[[Coordinator, Settings], Awaitable[T]],
+    signing: bool = False,
 ) -> T:
-    """Open the store, run ``action`` with a coordinator, close the store."""
+    """Open the store, run ``action`` with a coordinator, close the store.
+
+    With ``signing``, the coordinator's key must exist: executors refuse unsigned intents,
+    so storing one would only fill the dead-letter queue.
+    """
     import asyncio
 
     settings = settings_for(store)
+    signer = coordinator_signer(settings)
+    if signing and signer is None:
+        from farmhand.signing import KeyMissing
+
+        raise KeyMissing(
+            f"no coordinator signing key in {settings.home / 'keys'}: run farmhand init (or "
+            "farmhand keys generate) on this host before submitting"
+        )
 
     async def run() -> T:
         from farmhand.coordinator import Coordinator
@@ -74,11 +89,22 @@ def with_coordinator(
 
         opened = await open_store(settings.store_url)
         try:
-            return await action(Coordinator(opened), settings)
+            coordinator = Coordinator(opened, policy=settings.policy, signer=signer)
+            return await action(coordinator, settings)
         finally:
             await opened.close()
 
     return asyncio.run(run())
+
+
+def coordinator_signer(settings: Settings) -> Signer | None:
+    """The coordinator's signing key on this host, if one was generated (farmhand init)."""
+    if not (settings.home / "keys" / "private").is_dir():
+        return None
+    from farmhand.keys import Keyring
+
+    keyring = Keyring(settings.home / "keys")
+    return keyring.signer("coordinator") if keyring.has_signer("coordinator") else None
 
 
 def print_json(value: Any) -> None:

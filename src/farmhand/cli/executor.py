@@ -15,6 +15,7 @@ from farmhand.cli.common import JsonOption, StoreOption, print_json, settings_fo
 if TYPE_CHECKING:
     from farmhand.config import Settings
     from farmhand.executor import ExecutorStats
+    from farmhand.secrets import SecretStore
 
 app = typer.Typer(
     help="Run executors: claim intents, call connectors, write receipts.", no_args_is_help=True
@@ -52,15 +53,46 @@ def with_overrides(
     return dataclasses.replace(settings, executor=executor)
 
 
-async def serve(settings: Settings, executor_id: str | None, drain: bool) -> ExecutorStats:
+def load_secrets(settings: Settings) -> SecretStore:
+    """The executor's secrets, loaded once; from here on every log record and uncaught
+    traceback of this process is redacted."""
+    from farmhand import secrets
+    from farmhand.redact import install_excepthook, install_log_filter
+
+    held = secrets.load(settings)
+    names = [a.secret for a in settings.accounts.values() if a.secret is not None]
+    redactor = held.redactor(names)
+    install_log_filter(redactor)
+    install_excepthook(redactor)
+    for name, accounts in secrets.missing(settings, held).items():
+        log.warning(
+            "secret %r (used by account %s) is not on this host; those intents will be "
+            "dead-lettered: %s",
+            name,
+            ", ".join(accounts),
+            held.where(name),
+        )
+    return held
+
+
+async def serve(
+    settings: Settings,
+    executor_id: str | None,
+    drain: bool,
+    secrets: SecretStore | None = None,
+) -> ExecutorStats:
     """Run one executor until SIGTERM/SIGINT (graceful) or, with ``drain``, until idle.
 
     A second signal stops at once; calls then in flight are reconciled by the next holder.
+    ``secrets`` default: loaded here (see :func:`load_secrets`).
     """
     import asyncio
 
     from farmhand.executor import Executor
     from farmhand.store import open_store
+
+    if secrets is None:
+        secrets = load_secrets(settings)
 
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
@@ -92,7 +124,7 @@ async def serve(settings: Settings, executor_id: str | None, drain: bool) -> Exe
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         raise
-    executor = Executor(store, settings, executor_id=executor_id, drain=drain)
+    executor = Executor(store, settings, executor_id=executor_id, drain=drain, secrets=secrets)
     if stop_early:
         executor.stop()
     log.info(

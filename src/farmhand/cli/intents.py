@@ -129,7 +129,7 @@ def _submit_batch(source: str, store: str | None, as_json: bool, actor: str) -> 
             outcome.append((number, result))
         return sorted(outcome, key=lambda pair: pair[0])
 
-    results = with_coordinator(store, run)
+    results = with_coordinator(store, run, signing=True)
     errors = [r for _, r in results if isinstance(r, FarmhandError)]
     if as_json:
         print_json(
@@ -210,7 +210,7 @@ def submit(
     async def run(co: Coordinator, _: Settings) -> Any:
         return await co.submit(request, actor or None)
 
-    result = with_coordinator(store, run)
+    result = with_coordinator(store, run, signing=True)
     if not result.created:
         note(f"key {key!r} was already submitted as {result.status.id}; nothing new stored")
     if as_json:

@@ -18,12 +18,13 @@ os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 import typer
 
 from farmhand._version import __version__
-from farmhand.cli import dlq, executor, gate, intents, schema, setup
+from farmhand.cli import approvals, dlq, doctor, executor, gate, intents, keys, schema, setup
 from farmhand.errors import FarmhandError
 
 EXIT_CODES = (
     "Exit codes: 0 ok, 1 error, 2 invalid input or usage, 3 idempotency conflict, "
-    "4 not found, 5 store error, 6 invalid state transition, 130 interrupted."
+    "4 not found, 5 store error, 6 invalid state transition, 7 forbidden by policy, "
+    "8 signature or key problem, 130 interrupted."
 )
 
 app = typer.Typer(
@@ -61,9 +62,13 @@ app.command("list")(intents.list_)
 app.command()(intents.receipts)
 app.command()(intents.cancel)
 app.command()(intents.resolve)
+app.command()(approvals.approve)
+app.command()(approvals.reject)
 app.command()(intents.audit)
 app.command()(schema.schema)
+app.command()(doctor.doctor)
 app.add_typer(gate.app, name="gate")
+app.add_typer(keys.app, name="keys")
 app.add_typer(dlq.app, name="dlq")
 app.add_typer(executor.app, name="executor")
 

@@ -27,26 +27,76 @@ grace = 10            # seconds to finish in-flight calls on SIGTERM/SIGINT
 base_delay = 1.0      # first retry waits 0.5-1 s, then doubles (with jitter)...
 max_delay = 300.0     # ...up to this ceiling; Retry-After from a provider is honoured
 
+[breaker]
+failures = 5          # consecutive failures that open a connector+account's breaker...
+cooldown = 30         # ...and seconds before one probe call may close it again
+
+# -- Policy: who may ask for what. The coordinator checks it at submit, every executor
+# -- again before each attempt. Without an [agents] section executors refuse to act.
+
+# The local agent (the default --agent) may request webhook posts and no-ops on any account.
+[agents.local]
+kinds = ["webhook.post", "noop"]
+accounts = ["*"]
+# url_hosts = ["hooks.example.org"]     # only these hosts for webhook.post
+# email_domains = ["example.org"]       # only these recipient domains for email.send
+
+# Approvals: intents matching a rule wait in `awaiting_approval` until enough approvers
+# run `farmhand approve ID --as NAME` (each needs a key: farmhand keys generate --owner NAME
+# --role approver). An approval is bound to the intent's exact payload and expires.
+# [[approvals]]
+# kind = "webhook.post"
+# account = "billing"
+# required = 1
+# approvers = ["alice", "bob"]
+# lifetime = 86400                      # seconds
+
 # Accounts as the executor host knows them. A target that honours Idempotency-Key can be
 # called again after an interrupted attempt; otherwise such an intent waits in `unknown`
 # for `farmhand resolve`.
 [accounts.default]
 honours_idempotency_key = false
+# secret = "DEFAULT_TOKEN"              # sent as a bearer token; the value lives only on the
+#                                       # executor host (FARMHAND_SECRET_DEFAULT_TOKEN or
+#                                       # secrets.toml, mode 0600)
+# rate = 5.0                            # calls per second for every executor together
+# burst = 5
 """
 
 
-def init(store: StoreOption = None, as_json: JsonOption = False) -> None:
-    """Create the home directory, a commented farmhand.toml and the store."""
-    import asyncio
+def ensure_initialised(settings: Settings) -> dict[str, object]:
+    """Create the home, a starter farmhand.toml and the coordinator's signing key if missing.
 
+    Never overwrites: an existing config or key is kept as it is.
+    """
     from farmhand.config import CONFIG_NAME
+    from farmhand.keys import Keyring
 
-    settings = settings_for(store)
     settings.home.mkdir(parents=True, exist_ok=True)
     config = settings.home / CONFIG_NAME
-    created = not config.exists()
-    if created:
+    config_created = not config.exists()
+    if config_created:
         config.write_text(STARTER_CONFIG, encoding="utf-8")
+    keyring = Keyring(settings.home / "keys")
+    key_created = not keyring.has_signer("coordinator")
+    if key_created:
+        keyring.generate("coordinator", "coordinator")
+    return {
+        "home": str(settings.home),
+        "config": str(config),
+        "config_created": config_created,
+        "signing_key_created": key_created,
+        "store": settings.store_url,
+    }
+
+
+def init(store: StoreOption = None, as_json: JsonOption = False) -> None:
+    """Create the home directory, a commented starter policy (farmhand.toml), the
+    coordinator's signing key and the store. Existing files are kept."""
+    import asyncio
+
+    settings = settings_for(store)
+    done = ensure_initialised(settings)
 
     async def open_and_close() -> None:
         from farmhand.store import open_store
@@ -56,17 +106,12 @@ def init(store: StoreOption = None, as_json: JsonOption = False) -> None:
 
     asyncio.run(open_and_close())
     if as_json:
-        print_json(
-            {
-                "home": str(settings.home),
-                "config": str(config),
-                "store": settings.store_url,
-                "config_created": created,
-            }
-        )
+        print_json(done)
         return
     sys.stdout.write(f"home    {settings.home}\n")
-    sys.stdout.write(f"config  {config}{'' if created else ' (kept)'}\n")
+    sys.stdout.write(f"config  {done['config']}{'' if done['config_created'] else ' (kept)'}\n")
+    key_note = "generated" if done["signing_key_created"] else "kept"
+    sys.stdout.write(f"key     coordinator signing key {key_note}\n")
     sys.stdout.write(f"store   {settings.store_url}\n")
 
 
@@ -89,6 +134,9 @@ def up(
     if demo:
         from farmhand.demo import run_demo
 
+        # the demo is the two-command start: it sets up a fresh home the way init would
+        if ensure_initialised(settings)["config_created"]:
+            settings = with_overrides(settings_for(store), concurrency=concurrency)
         code = asyncio.run(run_demo(settings, duration))
         raise typer.Exit(code)
     configure_logging(False)

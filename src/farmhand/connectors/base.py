@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 from farmhand.config import AccountConfig
 from farmhand.contracts import Attempt, Intent
+from farmhand.secrets import Secret
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +23,9 @@ class Call:
     account: AccountConfig
     #: seconds the call may take before the executor gives up on it
     timeout: float
+    #: the account's credential, from the executor's secret store (None: the account names
+    #: none). Its repr shows only the name; ``secret.reveal()`` gives the value.
+    secret: Secret | None = None
 
 
 @dataclass(frozen=True, slots=True)

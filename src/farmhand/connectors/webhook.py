@@ -4,6 +4,10 @@
 5xx are retryable (Retry-After honoured); other 4xx are permanent. A transport error after
 the request may have been sent is *uncertain* unless the account declares that its target
 honours Idempotency-Key, in which case sending again is safe.
+
+An account with a secret sends it as ``Authorization: Bearer <secret>`` (replacing any
+Authorization header in the payload); the secret is redacted from every error built from the
+response, which may echo it, before the error is cut to an excerpt.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import datetime
 import email.utils
 import re
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -27,6 +32,8 @@ _RETRYABLE_STATUS = frozenset({408, 425, 429})
 # an HTTP field value: visible ASCII, inner spaces allowed, no surrounding whitespace
 _HEADER_SAFE = re.compile(r"^[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?$")
 _BODY_EXCERPT = 200
+#: how much of an error response is redacted before the excerpt is cut from it
+_REDACT_WINDOW = 64 * 1024
 
 
 class WebhookPayload(BaseModel):
@@ -54,6 +61,24 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if when.tzinfo is None:  # the asctime form carries no zone; HTTP dates are always GMT
         when = when.replace(tzinfo=datetime.UTC)
     return max(0.0, when.timestamp() - (now if now is not None else time.time()))
+
+
+def _redactor(call: Call) -> Callable[[str], str]:
+    """Redacts the call's secret from text built from what the target sent back (built on
+    first use: successful calls never pay for it)."""
+    secret = call.secret
+    if secret is None:
+        return str
+    built: list[Callable[[str], str]] = []
+
+    def redact(text: str) -> str:
+        if not built:
+            from farmhand.redact import Redactor
+
+            built.append(Redactor([(secret.name, secret.reveal())]).text)
+        return built[0](text)
+
+    return redact
 
 
 class WebhookConnector(Connector):
@@ -102,6 +127,11 @@ class WebhookConnector(Connector):
         if not _HEADER_SAFE.match(call.intent.key):
             return Failed(error="idempotency key cannot be sent as an HTTP header", retryable=False)
         headers = {**payload.headers, "Idempotency-Key": call.intent.key}
+        redact = _redactor(call)
+        if call.secret is not None:
+            # the account's credential replaces any Authorization the payload asked for
+            headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            headers["Authorization"] = f"Bearer {call.secret.reveal()}"
         try:
             response = await self._http().request(
                 payload.method,
@@ -111,16 +141,17 @@ class WebhookConnector(Connector):
                 timeout=httpx.Timeout(call.timeout, connect=min(5.0, call.timeout)),
             )
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            return Failed(error=f"cannot connect to {payload.url}: {exc!r}", retryable=True)
+            error = redact(f"cannot connect to {payload.url}: {exc!r}")
+            return Failed(error=error, retryable=True)
         except httpx.TransportError as exc:
-            error = f"request to {payload.url} may have been sent, then failed: {exc!r}"
+            error = redact(f"request to {payload.url} may have been sent, then failed: {exc!r}")
             if self.idempotent(call.account):
                 return Failed(error=error, retryable=True)
             return Uncertain(error=error)
-        return self._result(response)
+        return self._result(response, redact)
 
     @staticmethod
-    def _result(response: httpx.Response) -> Result:
+    def _result(response: httpx.Response, redact: Callable[[str], str] = str) -> Result:
         status = response.status_code
         if 200 <= status < 300:
             data: Any = None
@@ -136,8 +167,10 @@ class WebhookConnector(Connector):
                 if isinstance(data.get("url"), str):
                     url = data["url"]
             return Succeeded(external_id=external_id, url=url, detail={"status": status})
-        excerpt = response.text[:_BODY_EXCERPT]
-        error = f"HTTP {status} from {response.request.url}: {excerpt}"
+        # redacted before it is cut: a provider may echo the credential, and a cut through
+        # it would leave a piece no redactor recognises
+        excerpt = redact(response.text[:_REDACT_WINDOW])[:_BODY_EXCERPT]
+        error = f"HTTP {status} from {redact(str(response.request.url))}: {excerpt}"
         if status in _RETRYABLE_STATUS or status >= 500:
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
             return Failed(error=error, retryable=True, retry_after=retry_after)

@@ -1,5 +1,6 @@
 """Wire contracts: versioned, frozen pydantic models with a published JSON Schema."""
 
+from farmhand.contracts.approval import Approval, Decision
 from farmhand.contracts.base import SCHEMA_VERSION, Contract, check_schema_version
 from farmhand.contracts.events import AuditEvent, GateRule
 from farmhand.contracts.intent import MAX_KEY_LENGTH, MAX_PAYLOAD_BYTES, Intent, IntentStatus
@@ -9,7 +10,7 @@ from farmhand.contracts.state import IntentState
 #: Every published contract by the name `farmhand schema NAME` takes.
 SCHEMAS: dict[str, type[Contract]] = {
     model.contract_name: model
-    for model in (Intent, IntentStatus, Receipt, Attempt, Lease, AuditEvent, GateRule)
+    for model in (Intent, IntentStatus, Receipt, Attempt, Lease, AuditEvent, GateRule, Approval)
 }
 
 __all__ = [
@@ -17,9 +18,11 @@ __all__ = [
     "MAX_PAYLOAD_BYTES",
     "SCHEMAS",
     "SCHEMA_VERSION",
+    "Approval",
     "Attempt",
     "AuditEvent",
     "Contract",
+    "Decision",
     "GateRule",
     "Intent",
     "IntentState",

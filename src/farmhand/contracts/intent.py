@@ -94,4 +94,10 @@ class IntentStatus(Contract):
     next_attempt_at: datetime | None = None
     lease_owner: str | None = None
     lease_token: int = 0
+    key_id: str | None = None
+    signature: str | None = None
     receipts: list[Receipt] = Field(default_factory=list)
+
+    def to_intent(self) -> Intent:
+        """The immutable request this status describes."""
+        return Intent.model_validate(self.model_dump(include=set(Intent.model_fields)))

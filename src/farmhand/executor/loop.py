@@ -1,7 +1,8 @@
 """The hands: claim intents, call connectors, write receipts only while the lease is current.
 
-Per intent, in order: kill switch -> expiry -> lease (fencing token) -> durable "attempt
-started" record -> connector call -> receipt. Store writes are batched: one claim, one
+Per intent, in order: kill switch -> expiry -> rate limit -> circuit breaker (both shared
+through the store, see limits.py) -> lease (fencing token) -> durable "attempt started"
+record -> connector call -> receipt. Store writes are batched: one claim, one
 start and one apply transaction serve many intents, so one fsync covers a whole batch.
 """
 
@@ -15,12 +16,16 @@ from dataclasses import dataclass, field
 
 from farmhand import gates
 from farmhand.clock import Clock, SystemClock
-from farmhand.config import Settings
+from farmhand.config import CONFIG_NAME, Settings
 from farmhand.connectors import Call, ConnectorSet, Failed, Result, Uncertain
 from farmhand.contracts import Attempt, IntentState, Lease
-from farmhand.errors import FarmhandError, StoreError
+from farmhand.errors import FarmhandError, PolicyMissing, StoreError
 from farmhand.executor import outcomes
+from farmhand.executor.admission import Admission
+from farmhand.executor.limits import Limits
 from farmhand.ids import new_id
+from farmhand.keys import Keyring
+from farmhand.secrets import SecretStore
 from farmhand.store.base import Change, Claim, Store
 
 log = logging.getLogger("farmhand.executor")
@@ -71,7 +76,19 @@ class Executor:
         clock: Clock | None = None,
         connectors: ConnectorSet | None = None,
         call_timeout: float = 10.0,
+        secrets: SecretStore | None = None,
+        keyring: Keyring | None = None,
     ) -> None:
+        """``secrets``: the credentials connectors may use (default: loaded once, here, from
+        ``FARMHAND_SECRET_*`` and the secrets file). ``keyring``: the trusted public keys
+        (default: ``keys/`` under the home). Refuses to start without a policy."""
+        if settings.policy is None:
+            raise PolicyMissing(
+                f"no policy: {settings.home / CONFIG_NAME} declares no [agents], so this "
+                "executor will not act; run farmhand init to write a starter policy"
+            )
+        self.policy = settings.policy
+        self.keyring = keyring or Keyring(settings.home / "keys")
         self.store = store
         self.settings = settings
         self.id = executor_id or new_id("ex")
@@ -82,7 +99,16 @@ class Executor:
         self.call_timeout = min(call_timeout, self.ttl * MIN_LEASE_SHARE)
         self._clock = clock or SystemClock()
         self._connectors = connectors or ConnectorSet()
+        if secrets is None:
+            from farmhand.secrets import load
+
+            secrets = load(settings)
+        self._secrets = secrets
+        self._redactor = secrets.redactor(
+            a.secret for a in settings.accounts.values() if a.secret is not None
+        )
         self._rng = random.Random()
+        self._limits = Limits(store, settings, self.id, self._clock, self._rng, ttl=self.ttl)
         self._held: dict[str, _Held] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
@@ -110,6 +136,7 @@ class Executor:
             await self._shutdown()
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
+            await self._limits.aclose()
             await self._connectors.aclose()
         return self.stats
 
@@ -127,14 +154,20 @@ class Executor:
         claims: list[Claim] = []
         if not gates.everything_closed(closed):
             requested = self._clock.monotonic()
-            claims = await self.store.claim(self.id, free, self.ttl, closed)
+            # first the blocked scopes (rate limit, breaker) whose wait is over, only as many
+            # as they can take; the ordinary claim leaves them out
+            claims = await self._limits.probe(free, closed)
+            if len(claims) < free:
+                claims += await self.store.claim(
+                    self.id, free - len(claims), self.ttl, self._limits.closed(closed)
+                )
             for claim in claims:
                 self._held[claim.intent.id] = _Held(claim, claim.lease, requested + self.ttl)
         if claims:
             self.stats.claimed += len(claims)
             await self._dispatch(claims)
             return True
-        readiness = await self.store.readiness(closed)
+        readiness = await self.store.readiness(self._limits.closed(closed))
         now = self._clock.now()
         idle = not self._held and readiness.running == 0
         nothing_ready = readiness.next_ready_at is None or readiness.next_ready_at > now
@@ -143,6 +176,9 @@ class Executor:
         timeout = IDLE_WAIT
         if readiness.next_ready_at is not None:
             timeout = min(timeout, max(0.0, readiness.next_ready_at - now))
+        wake = self._limits.next_wake()
+        if wake is not None:
+            timeout = min(timeout, max(0.0, wake - now))
         await self._wait(self.store.wait_for_change(since, timeout))
         return True
 
@@ -163,6 +199,8 @@ class Executor:
         # the kill switch is read again here so that no call starts on a gate closed after
         # the claim; the remaining window is one store round trip
         closed = gates.closed(await self.store.gates())
+        # a fresh verifier per batch: a key revoked a moment ago already fails
+        admission = Admission(self.policy, self.keyring.verifier(), self.store)
         refusals: list[Change] = []
         to_start: list[Claim] = []
         for claim in claims:
@@ -173,6 +211,10 @@ class Executor:
             elif rule is not None:
                 reason = f"kill switch off for {rule.scope}: {rule.reason or 'no reason given'}"
                 refusals.append(outcomes.refuse(claim, IntentState.PENDING, "release", reason, now))
+            elif (refusal := await admission.refusal(intent, now)) is not None:
+                refusals.append(
+                    outcomes.refuse(claim, IntentState.DEAD, "dead_letter", refusal, now)
+                )
             elif intent.expires_at is not None and intent.expires_at.timestamp() <= now:
                 reason = f"expired at {intent.expires_at.isoformat()} before it could run"
                 refusals.append(outcomes.refuse(claim, IntentState.EXPIRED, "expire", reason, now))
@@ -189,6 +231,9 @@ class Executor:
                     )
                 else:
                     to_start.append(claim)
+        # rate limit, then breaker: what must wait goes back to pending, no attempt spent
+        to_start, held = await self._limits.admit(to_start)
+        refusals += held
         if refusals:
             await self._finish_many(refusals)
         if not to_start:
@@ -208,6 +253,12 @@ class Executor:
             self._connectors.get(claim.intent.kind).validate(claim.intent.payload, claim.intent.key)
         except FarmhandError as exc:
             return f"cannot execute on {self.id}: {exc}"
+        account = self.settings.account(claim.intent.account)
+        if account.secret is not None and account.secret not in self._secrets:
+            return (
+                f"account {account.name!r} uses secret {account.secret!r}, which executor "
+                f"{self.id} does not hold: {self._secrets.where(account.secret)}"
+            )
         return None
 
     def _spawn(self, coro: object) -> None:
@@ -218,11 +269,13 @@ class Executor:
     # -- per intent ---------------------------------------------------------------------
 
     def _account_call(self, claim: Claim, attempt: int) -> Call:
+        account = self.settings.account(claim.intent.account)
         return Call(
             intent=claim.intent,
             attempt=attempt,
-            account=self.settings.account(claim.intent.account),
+            account=account,
             timeout=self.call_timeout,
+            secret=self._secrets.get(account.secret) if account.secret is not None else None,
         )
 
     async def _call(self, claim: Claim, attempt: Attempt) -> None:
@@ -242,6 +295,9 @@ class Executor:
             except Exception as exc:  # a connector bug must not take the executor down
                 log.exception("connector %s raised on %s", intent.kind, intent.id)
                 result = self._interrupted(call, f"connector raised {type(exc).__name__}: {exc}")
+            # before anything keeps its text: breaker and rate-limit records, the receipt
+            result = outcomes.redacted_result(result, self._redactor)
+            self._limits.observe(claim, result)
             change = outcomes.after_call(
                 claim, attempt, result, self._clock.now(), self.settings.executor.retry, self._rng
             )
@@ -287,7 +343,12 @@ class Executor:
         return ok
 
     async def _finish_many(self, changes: Sequence[Change]) -> list[bool]:
-        """Queue changes for the next group commit and wait for their results."""
+        """Queue changes for the next group commit and wait for their results.
+
+        Every change passes here, so this is where secret values leave reasons and receipts.
+        """
+        if self._redactor:
+            changes = [outcomes.redacted(change, self._redactor) for change in changes]
         loop = asyncio.get_running_loop()
         futures = []
         for change in changes:

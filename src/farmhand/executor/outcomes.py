@@ -5,15 +5,20 @@ Pure functions: the decision is made here once, for every backend.
 
 from __future__ import annotations
 
+import dataclasses
 import random
+from typing import TYPE_CHECKING
 
 from farmhand.config import RetryConfig
-from farmhand.connectors.base import Absent, Reconciled, Result, Succeeded, Uncertain
+from farmhand.connectors.base import Absent, Failed, Reconciled, Result, Succeeded, Uncertain
 from farmhand.contracts import Attempt, IntentState, Outcome, Receipt, ReceiptSource
 from farmhand.contracts.base import utc
 from farmhand.executor.retry import backoff
 from farmhand.ids import new_id
 from farmhand.store.base import Change, Claim
+
+if TYPE_CHECKING:
+    from farmhand.redact import Redactor
 
 
 def _receipt(
@@ -161,3 +166,37 @@ def refuse(claim: Claim, to: IntentState, action: str, reason: str, now: float) 
             retryable=False,
         )
     return _change(claim, to, action, reason, receipt=receipt)
+
+
+def redacted(change: Change, redactor: Redactor) -> Change:
+    """``change`` with secret values removed from its reason and its receipt's error,
+    detail, external id and URL (what is stored and later shown by every CLI command)."""
+    if not redactor:
+        return change
+    receipt = change.receipt
+    if receipt is not None:
+        receipt = receipt.model_copy(
+            update={
+                "error": redactor.optional(receipt.error),
+                "detail": redactor.value(receipt.detail),
+                "external_id": redactor.optional(receipt.external_id),
+                "url": redactor.optional(receipt.url),
+            }
+        )
+    return dataclasses.replace(change, reason=redactor.optional(change.reason), receipt=receipt)
+
+
+def redacted_result(result: Result, redactor: Redactor) -> Result:
+    """A connector's ``result`` with secret values removed from its error or details."""
+    if not redactor:
+        return result
+    if isinstance(result, Succeeded):
+        return dataclasses.replace(
+            result,
+            external_id=redactor.optional(result.external_id),
+            url=redactor.optional(result.url),
+            detail=redactor.value(result.detail),
+        )
+    if isinstance(result, Failed | Uncertain):
+        return dataclasses.replace(result, error=redactor.text(result.error))
+    return result

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
+from farmhand.config import BreakerConfig, Limit
 from farmhand.contracts import (
+    Approval,
     Attempt,
     AuditEvent,
     GateRule,
@@ -86,6 +88,60 @@ class Readiness:
     next_ready_at: float | None
 
 
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """A rate-limit bucket named in a request: ``account:<name>`` or
+    ``account:<name>:kind:<kind>``. ``limit`` None: no rate is configured, only a pause
+    (a provider's Retry-After) can hold it."""
+
+    name: str
+    limit: Limit | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Throttle:
+    """The rate limiter's answer for one request: a token from every bucket, or none."""
+
+    #: 0.0: the tokens were taken (or, from a peek, are there); else seconds until they may be
+    wait: float = 0.0
+    #: the bucket that refused (wait > 0), or the one that runs dry first (taken)
+    bucket: str | None = None
+    #: why that bucket is paused; None when it is not paused
+    paused: str | None = None
+    #: whole tokens left now (after this take) in the emptiest limited bucket; None: no limit
+    tokens: int | None = None
+    #: taken: seconds until the emptiest bucket has a token again (0.0: some are left)
+    next_in: float = 0.0
+
+
+#: ``closed`` lets calls through; ``open`` refuses them until its cool-down ends; then one
+#: call at a time is the ``half_open`` probe
+BreakerState = Literal["closed", "open", "half_open"]
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerStatus:
+    """A circuit breaker's answer for one call (or its state after results were recorded)."""
+
+    state: BreakerState = "closed"
+    #: 0.0: the call may go (and, with ``probe``, it is the one probe); else seconds to wait
+    wait: float = 0.0
+    #: this call is the half-open probe: its result closes or re-opens the breaker
+    probe: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerResult:
+    """The outcome of one call for its breaker."""
+
+    key: str
+    #: what the call entered with (the intent id): tells the probe's result from the rest
+    ticket: str
+    #: the target answered normally (succeeded, or refused the request itself: 4xx)
+    ok: bool
+    error: str | None = None
+
+
 @runtime_checkable
 class Store(Protocol):
     """Durable, shared state of intents, receipts, gates and the audit log."""
@@ -122,12 +178,60 @@ class Store(Protocol):
         """Apply each change whose precondition holds, with its receipt and audit event."""
         ...
 
+    async def put_approval(self, approval: Approval, change: Change | None = None) -> bool:
+        """Append an approver's decision (and its audit event); with ``change``, apply that
+        transition in the same transaction. False (nothing written) if ``change`` failed."""
+        ...
+
+    async def approvals(self, intent_id: str) -> list[Approval]:
+        """Every decision recorded for an intent, oldest first."""
+        ...
+
     async def set_gate(self, rule: GateRule) -> None:
         """Record the kill-switch state of one scope and its audit event."""
         ...
 
     async def gates(self) -> list[GateRule]:
         """Every gate rule that has been set."""
+        ...
+
+    async def take(self, requests: Sequence[Sequence[Bucket]]) -> list[Throttle]:
+        """For each request in order, atomically take one token from every bucket it names
+        (GCRA: ``rate`` per second, bursts of ``burst``), or none if one of them is empty or
+        paused. One transaction for all; times from the store's clock."""
+        ...
+
+    async def peek(self, buckets: Sequence[Bucket]) -> Throttle:
+        """What :meth:`take` would answer for one request now, without taking (read-only)."""
+        ...
+
+    async def pause(self, bucket: str, until: float, reason: str, actor: str) -> float:
+        """Make ``bucket`` refuse every take until ``until`` (epoch seconds; a pause is only
+        ever extended) and audit it; the bucket's pause end afterwards."""
+        ...
+
+    async def breaker_enter(
+        self,
+        entries: Sequence[tuple[str, str]],
+        actor: str,
+        probe_ttl: float,
+    ) -> list[BreakerStatus]:
+        """For each ``(key, ticket)`` in order: may that call go? Closed: yes. Open: no, until
+        the cool-down has passed; then exactly one ticket (atomically, across every store
+        connection) becomes the half-open probe for ``probe_ttl`` seconds, the rest wait."""
+        ...
+
+    async def breaker_record(
+        self, results: Sequence[BreakerResult], config: BreakerConfig, actor: str
+    ) -> dict[str, BreakerStatus]:
+        """Record call results in order: consecutive failures open a closed breaker; the
+        probe's result closes (failures reset) or re-opens it with a fresh cool-down. Opens
+        and closes are audited. The state of each key afterwards."""
+        ...
+
+    async def breaker_peek(self, key: str) -> BreakerStatus:
+        """A breaker's state without entering it (read-only): ``wait`` 0.0 on an open
+        breaker means a probe may be taken now."""
         ...
 
     async def receipts(self, intent_id: str | None = None, limit: int = 100) -> list[Receipt]:

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from farmhand.clock import Clock, SystemClock
+from farmhand.config import BreakerConfig
 from farmhand.contracts import (
+    Approval,
     Attempt,
     AuditEvent,
     GateRule,
@@ -34,7 +36,18 @@ from farmhand.contracts import (
 from farmhand.contracts.base import utc
 from farmhand.contracts.state import allowed
 from farmhand.errors import InvalidTransition, StoreError
-from farmhand.store.base import Change, Claim, IntentQuery, NewIntent, Readiness
+from farmhand.store import sqlite_limits as limits
+from farmhand.store.base import (
+    BreakerResult,
+    BreakerStatus,
+    Bucket,
+    Change,
+    Claim,
+    IntentQuery,
+    NewIntent,
+    Readiness,
+    Throttle,
+)
 from farmhand.store.paths import unsafe_reason
 
 T = TypeVar("T")
@@ -493,72 +506,175 @@ class SQLiteStore:
 
     def _apply(self, changes: list[Change]) -> list[bool]:
         now = self._clock.now()
-        results: list[bool] = []
-        audit: list[tuple[Any, ...]] = []
         with self._tx() as db:
-            for change in changes:
-                row = db.execute(
-                    "SELECT state, lease_token FROM intents WHERE id = ?", (change.intent_id,)
-                ).fetchone()
-                if row is None:
-                    results.append(False)
-                    continue
-                current = IntentState(row[0])
-                if change.token is not None:
-                    holds = current is IntentState.RUNNING and row[1] == change.token
-                else:
-                    holds = current in change.from_states
-                if not holds:
-                    results.append(False)
-                    continue
-                if not allowed(current, change.to_state):
-                    raise InvalidTransition(
-                        f"intent {change.intent_id} is {current}; it cannot become "
-                        f"{change.to_state}"
-                    )
-                waiting = change.to_state in (IntentState.PENDING, IntentState.RETRY_WAIT)
+            return [self._apply_one(db, change, now) for change in changes]
+
+    def _apply_one(self, db: sqlite3.Connection, change: Change, now: float) -> bool:
+        """Apply one change inside the caller's transaction if its precondition holds."""
+        row = db.execute(
+            "SELECT state, lease_token FROM intents WHERE id = ?", (change.intent_id,)
+        ).fetchone()
+        if row is None:
+            return False
+        current = IntentState(row[0])
+        if change.token is not None:
+            holds = current is IntentState.RUNNING and row[1] == change.token
+        else:
+            holds = current in change.from_states
+        if not holds:
+            return False
+        if not allowed(current, change.to_state):
+            raise InvalidTransition(
+                f"intent {change.intent_id} is {current}; it cannot become {change.to_state}"
+            )
+        waiting = change.to_state in (IntentState.PENDING, IntentState.RETRY_WAIT)
+        db.execute(
+            "UPDATE intents SET state = ?, reason = ?, ready_at = ?, lease_owner = NULL,"
+            " lease_expires = NULL, max_attempts = max_attempts + ?, updated_at = ?"
+            " WHERE id = ?",
+            (
+                change.to_state.value,
+                change.reason,
+                (change.ready_at or now) if waiting else now,
+                change.extra_attempts,
+                now,
+                change.intent_id,
+            ),
+        )
+        receipt = change.receipt
+        if receipt is not None:
+            db.execute(
+                "INSERT INTO receipts (id, intent_id, attempt, outcome, finished_at, body)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    receipt.id,
+                    receipt.intent_id,
+                    receipt.attempt,
+                    receipt.outcome.value,
+                    receipt.finished_at.timestamp(),
+                    receipt.model_dump_json(),
+                ),
+            )
+        self._audit_rows(
+            [
+                (
+                    now,
+                    change.actor,
+                    change.action,
+                    change.intent_id,
+                    current.value,
+                    change.to_state.value,
+                    change.reason,
+                    None,
+                )
+            ]
+        )
+        return True
+
+    # -- approvals ----------------------------------------------------------------------
+
+    async def put_approval(self, approval: Approval, change: Change | None = None) -> bool:
+        def run() -> bool:
+            with self._tx() as db:
+                if change is not None and not self._apply_one(db, change, self._clock.now()):
+                    return False
                 db.execute(
-                    "UPDATE intents SET state = ?, reason = ?, ready_at = ?, lease_owner = NULL,"
-                    " lease_expires = NULL, max_attempts = max_attempts + ?, updated_at = ?"
-                    " WHERE id = ?",
+                    "INSERT INTO approvals (id, intent_id, approver, decision, created_at, body)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
                     (
-                        change.to_state.value,
-                        change.reason,
-                        (change.ready_at or now) if waiting else now,
-                        change.extra_attempts,
-                        now,
-                        change.intent_id,
+                        approval.id,
+                        approval.intent_id,
+                        approval.approver,
+                        approval.decision.value,
+                        approval.created_at.timestamp(),
+                        approval.model_dump_json(),
                     ),
                 )
-                receipt = change.receipt
-                if receipt is not None:
-                    db.execute(
-                        "INSERT INTO receipts (id, intent_id, attempt, outcome, finished_at, body)"
-                        " VALUES (?, ?, ?, ?, ?, ?)",
+                self._audit_rows(
+                    [
                         (
-                            receipt.id,
-                            receipt.intent_id,
-                            receipt.attempt,
-                            receipt.outcome.value,
-                            receipt.finished_at.timestamp(),
-                            receipt.model_dump_json(),
-                        ),
-                    )
-                audit.append(
-                    (
-                        now,
-                        change.actor,
-                        change.action,
-                        change.intent_id,
-                        current.value,
-                        change.to_state.value,
-                        change.reason,
-                        None,
-                    )
+                            approval.created_at.timestamp(),
+                            approval.approver,
+                            f"approval.{approval.decision.value}",
+                            approval.intent_id,
+                            None,
+                            None,
+                            approval.reason,
+                            json.dumps(
+                                {
+                                    "approval": approval.id,
+                                    "payload_hash": approval.payload_hash,
+                                    "expires_at": approval.expires_at.isoformat(),
+                                }
+                            ),
+                        )
+                    ]
                 )
-                results.append(True)
-            self._audit_rows(audit)
-        return results
+            return True
+
+        return await self._run(run)
+
+    async def approvals(self, intent_id: str) -> list[Approval]:
+        def run() -> list[Approval]:
+            rows = self._conn().execute(
+                "SELECT body FROM approvals WHERE intent_id = ? ORDER BY seq", (intent_id,)
+            )
+            return [Approval.model_validate_json(body) for (body,) in rows]
+
+        return await self._run(run)
+
+    # -- rate limits and circuit breakers (bodies in sqlite_limits.py) --------------------
+
+    def _limits(self, write: bool, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(db, now, *args)``: in a write transaction, with ``now`` read once the
+        lock is held, or (``write`` False) on a snapshot."""
+        if not write:
+            return fn(self._conn(), self._clock.now(), *args)
+        with self._tx() as db:
+            return fn(db, self._clock.now(), *args)
+
+    async def take(self, requests: Sequence[Sequence[Bucket]]) -> list[Throttle]:
+        items = [tuple(request) for request in requests]
+        write = any(b.limit is not None for request in items for b in request)
+        return await self._run(self._limits, write, limits.take, items)
+
+    async def peek(self, buckets: Sequence[Bucket]) -> Throttle:
+        return await self._run(self._limits, False, limits.peek, tuple(buckets))
+
+    async def pause(self, bucket: str, until: float, reason: str, actor: str) -> float:
+        return await self._run(self._limits, True, limits.pause, bucket, until, reason, actor)
+
+    async def breaker_enter(
+        self,
+        entries: Sequence[tuple[str, str]],
+        actor: str,
+        probe_ttl: float,
+    ) -> list[BreakerStatus]:
+        items = list(entries)
+
+        def run() -> list[BreakerStatus]:
+            # the common case, every breaker closed, needs no write lock
+            if limits.quiet(self._conn(), [key for key, _ in items]):
+                return [BreakerStatus() for _ in items]
+            return self._limits(True, limits.breaker_enter, items, actor, probe_ttl)
+
+        return await self._run(run)
+
+    async def breaker_record(
+        self, results: Sequence[BreakerResult], config: BreakerConfig, actor: str
+    ) -> dict[str, BreakerStatus]:
+        items = list(results)
+
+        def run() -> dict[str, BreakerStatus]:
+            keys = [r.key for r in items]
+            if all(r.ok for r in items) and limits.quiet(self._conn(), keys, failures=True):
+                return {key: BreakerStatus() for key in keys}
+            return self._limits(True, limits.breaker_record, items, config, actor)
+
+        return await self._run(run)
+
+    async def breaker_peek(self, key: str) -> BreakerStatus:
+        return await self._run(self._limits, False, limits.breaker_peek, key)
 
     # -- gates, reads -------------------------------------------------------------------
 

@@ -19,6 +19,9 @@ The path chooses what a call that is not a repeat does (query parameters allowed
 ``/fail``                       ``500`` every time, no effect
 ``/reject``                     ``400``, no effect
 ``/ratelimit?retry_after=N``    ``429`` with ``Retry-After: N`` (default 1), no effect
+``/echo-auth``                  ``500`` echoing the ``Authorization`` header (raw, and its
+                                token base64- and URL-encoded) in the body, no effect: a
+                                provider that leaks the credential into its error
 ``/slow?ms=N``                  sleep N ms (default 100), then effect
 ``/flaky?fail_times=N``         ``503`` for the first N (default 1) calls of each key, then
                                 effect (calls without a key share one counter)
@@ -37,6 +40,7 @@ with ``-m farmhand.testing.sink`` rather than in-process.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import signal
@@ -50,7 +54,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Any, cast
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 __all__ = ["SinkCall", "WebhookSink", "load_log", "main"]
 
@@ -83,6 +87,8 @@ class SinkCall:
     effect: bool
     #: this call's key already had an effect; it was answered with the stored response
     repeat: bool
+    #: the ``Authorization`` header, or None when the request had none
+    authorization: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The call as a JSON-serialisable dict (one log line)."""
@@ -101,6 +107,7 @@ class SinkCall:
             status=int(data["status"]),
             effect=bool(data["effect"]),
             repeat=bool(data["repeat"]),
+            authorization=None if data.get("authorization") is None else str(data["authorization"]),
         )
 
 
@@ -140,6 +147,17 @@ def _header_text(value: str | None) -> str | None:
         return value.encode("latin-1").decode("utf-8")
     except UnicodeError:
         return value
+
+
+def _echo(authorization: str | None) -> dict[str, Any]:
+    """What ``/echo-auth`` leaks: the header, and its token base64- and URL-encoded."""
+    token = (authorization or "").partition(" ")[2] or (authorization or "")
+    return {
+        "error": "echo",
+        "auth": authorization,
+        "b64": base64.b64encode(token.encode("utf-8")).decode("ascii"),
+        "url": quote(token, safe=""),
+    }
 
 
 def _int_param(query: dict[str, list[str]], name: str, default: int) -> int:
@@ -319,13 +337,23 @@ class WebhookSink:
         )
 
     def _answer(
-        self, seq: int, at: float, method: str, target: str, key: str | None, raw: bytes | None
+        self,
+        seq: int,
+        at: float,
+        method: str,
+        target: str,
+        key: str | None,
+        raw: bytes | None,
+        authorization: str | None = None,
     ) -> _Reply:
         """Decide the reply to one request and record it. ``raw`` None: unreadable body."""
         body = _decode_body(raw) if raw is not None else None
 
         def record(reply: _Reply, *, effect: bool = False, repeat: bool = False) -> _Reply:
-            self._record(seq, SinkCall(key, method, target, body, at, reply.status, effect, repeat))
+            call = SinkCall(
+                key, method, target, body, at, reply.status, effect, repeat, authorization
+            )
+            self._record(seq, call)
             return reply
 
         if raw is None:
@@ -364,6 +392,8 @@ class WebhookSink:
                 return record(_error(500, "simulated server error"))
             if route == "/reject":
                 return record(_error(400, "simulated rejection"))
+            if route == "/echo-auth":
+                return record(_json_reply(500, _echo(authorization)))
             if route == "/ratelimit":
                 return record(
                     _error(429, "simulated rate limit", (("Retry-After", str(retry_after)),))
@@ -494,7 +524,13 @@ class _Handler(BaseHTTPRequestHandler):
             raw = None
             self.close_connection = True
         reply = sink._answer(
-            seq, at, self.command, self.path, _header_text(self.headers.get("Idempotency-Key")), raw
+            seq,
+            at,
+            self.command,
+            self.path,
+            _header_text(self.headers.get("Idempotency-Key")),
+            raw,
+            _header_text(self.headers.get("Authorization")),
         )
         try:
             self.send_response(reply.status)
