@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -10,9 +9,11 @@ import typer
 from farmhand.cli.common import (
     ActorOption,
     JsonOption,
+    ReasonOption,
+    RefArgument,
     StoreOption,
     actor_name,
-    print_json,
+    emit_status,
     with_coordinator,
 )
 
@@ -20,8 +21,6 @@ if TYPE_CHECKING:
     from farmhand.config import Settings
     from farmhand.contracts import IntentStatus
     from farmhand.coordinator import Coordinator
-
-RefArgument = Annotated[str, typer.Argument(help="Intent id or idempotency key.")]
 
 
 def _decide(
@@ -37,16 +36,12 @@ def _decide(
         decision = Decision.APPROVE if approve else Decision.REJECT
         return await co.decide(ref, decision, signer, reason)
 
-    status = with_coordinator(store, run)
-    if as_json:
-        print_json(status)
-    else:
-        sys.stdout.write(f"{status.id} {status.state}\n")
+    emit_status(with_coordinator(store, run), as_json)
 
 
 def approve(
     ref: RefArgument,
-    reason: Annotated[str | None, typer.Option(help="Why, for the audit log.")] = None,
+    reason: ReasonOption = None,
     store: StoreOption = None,
     as_json: JsonOption = False,
     actor: ActorOption = None,

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from farmhand.config import Settings
+    from farmhand.contracts import IntentStatus
     from farmhand.coordinator import Coordinator
     from farmhand.signing import Signer
 
@@ -42,6 +43,22 @@ ActorOption = Annotated[
         show_default=False,
     ),
 ]
+
+
+RefArgument = Annotated[str, typer.Argument(help="Intent id or idempotency key.")]
+IntentFilterOption = Annotated[
+    str | None, typer.Option("--intent", help="Only this intent (id or key).")
+]
+LimitOption = Annotated[int, typer.Option(min=1, max=100_000, help="At most this many.")]
+ReasonOption = Annotated[str | None, typer.Option(help="Why, for the audit log.")]
+
+
+def emit_status(status: IntentStatus, as_json: bool) -> None:
+    """Print an intent after a change: the whole object with --json, else "ID STATE"."""
+    if as_json:
+        print_json(status)
+    else:
+        sys.stdout.write(f"{status.id} {status.state}\n")
 
 
 def actor_name(value: str | None) -> str:

@@ -10,6 +10,8 @@ import typer
 from farmhand.cli.common import (
     ActorOption,
     JsonOption,
+    LimitOption,
+    ReasonOption,
     StoreOption,
     actor_name,
     print_json,
@@ -32,7 +34,7 @@ app = typer.Typer(
 
 @app.command("list")
 def list_(
-    limit: Annotated[int, typer.Option(min=1, max=100_000, help="At most this many.")] = 100,
+    limit: LimitOption = 100,
     store: StoreOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -58,7 +60,7 @@ def list_(
 def retry(
     refs: Annotated[list[str] | None, typer.Argument(help="Intent ids or keys.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Re-queue every dead letter.")] = False,
-    reason: Annotated[str | None, typer.Option(help="Why, for the audit log.")] = None,
+    reason: ReasonOption = None,
     store: StoreOption = None,
     as_json: JsonOption = False,
     actor: ActorOption = None,

@@ -10,6 +10,7 @@ import typer
 from farmhand.cli.common import (
     ActorOption,
     JsonOption,
+    ReasonOption,
     StoreOption,
     actor_name,
     print_json,
@@ -32,7 +33,6 @@ KindOption = Annotated[str | None, typer.Option(help="Only this kind (default: e
 AccountOption = Annotated[
     str | None, typer.Option(help="Only this account (default: every account).")
 ]
-ReasonOption = Annotated[str | None, typer.Option(help="Why, for the audit log.")]
 
 
 def _set(

@@ -10,9 +10,14 @@ import typer
 
 from farmhand.cli.common import (
     ActorOption,
+    IntentFilterOption,
     JsonOption,
+    LimitOption,
+    ReasonOption,
+    RefArgument,
     StoreOption,
     actor_name,
+    emit_status,
     note,
     print_json,
     table,
@@ -250,7 +255,7 @@ def _show_receipts(receipts: list[Receipt], title: str | None) -> None:
 
 
 def status(
-    ref: Annotated[str, typer.Argument(help="Intent id or idempotency key.")],
+    ref: RefArgument,
     store: StoreOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -270,7 +275,7 @@ def list_(
     state: Annotated[str | None, typer.Option(help="Only intents in this state.")] = None,
     kind: Annotated[str | None, typer.Option(help="Only this kind.")] = None,
     account: Annotated[str | None, typer.Option(help="Only this account.")] = None,
-    limit: Annotated[int, typer.Option(min=1, max=100_000, help="At most this many.")] = 100,
+    limit: LimitOption = 100,
     store: StoreOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -305,10 +310,8 @@ def list_(
 
 
 def receipts(
-    intent: Annotated[
-        str | None, typer.Option("--intent", help="Only this intent (id or key).")
-    ] = None,
-    limit: Annotated[int, typer.Option(min=1, max=100_000, help="At most this many.")] = 100,
+    intent: IntentFilterOption = None,
+    limit: LimitOption = 100,
     store: StoreOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -326,8 +329,8 @@ def receipts(
 
 
 def cancel(
-    ref: Annotated[str, typer.Argument(help="Intent id or idempotency key.")],
-    reason: Annotated[str | None, typer.Option(help="Why, for the audit log.")] = None,
+    ref: RefArgument,
+    reason: ReasonOption = None,
     store: StoreOption = None,
     as_json: JsonOption = False,
     actor: ActorOption = None,
@@ -337,11 +340,7 @@ def cancel(
     async def run(co: Coordinator, _: Settings) -> IntentStatus:
         return await co.cancel(ref, actor_name(actor), reason)
 
-    found = with_coordinator(store, run)
-    if as_json:
-        print_json(found)
-    else:
-        sys.stdout.write(f"{found.id} {found.state}\n")
+    emit_status(with_coordinator(store, run), as_json)
 
 
 def resolve(
@@ -355,7 +354,7 @@ def resolve(
     fail: Annotated[bool, typer.Option("--fail", help="Give up: dead-letter it.")] = False,
     external_id: Annotated[str | None, typer.Option("--external-id")] = None,
     url: Annotated[str | None, typer.Option("--url")] = None,
-    reason: Annotated[str | None, typer.Option(help="Why, for the audit log.")] = None,
+    reason: ReasonOption = None,
     store: StoreOption = None,
     as_json: JsonOption = False,
     actor: ActorOption = None,
@@ -374,18 +373,12 @@ def resolve(
             ref, chosen[0], f"human:{actor_name(actor)}", reason, external_id, url
         )
 
-    found = with_coordinator(store, run)
-    if as_json:
-        print_json(found)
-    else:
-        sys.stdout.write(f"{found.id} {found.state}\n")
+    emit_status(with_coordinator(store, run), as_json)
 
 
 def audit(
-    intent: Annotated[
-        str | None, typer.Option("--intent", help="Only this intent (id or key).")
-    ] = None,
-    limit: Annotated[int, typer.Option(min=1, max=100_000, help="At most this many.")] = 100,
+    intent: IntentFilterOption = None,
+    limit: LimitOption = 100,
     store: StoreOption = None,
     as_json: JsonOption = False,
 ) -> None:
