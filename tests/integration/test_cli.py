@@ -197,3 +197,20 @@ def test_demo_runs_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     intents = as_json(tmp_path, "list")
     assert sorted(i["state"] for i in intents).count("dead") == 1
     assert sorted(i["state"] for i in intents).count("succeeded") == 5
+
+
+def test_no_policy_no_executor_and_no_key_no_submit(tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    refused = run(bare, "executor", "run", "--drain")
+    assert refused.returncode == 7
+    assert refused.stderr.count("\n") == 1
+    assert "declares no [agents]" in refused.stderr
+    assert "farmhand init" in refused.stderr
+    unsigned = run(bare, "submit", "noop", "--key", "k", "--payload", "{}")
+    assert unsigned.returncode == 8
+    assert "farmhand init" in unsigned.stderr
+    # after init both work: the starter policy allows the local agent noop and webhooks
+    ok(bare, "init")
+    ok(bare, "submit", "noop", "--key", "k", "--payload", "{}")
+    ok(bare, "executor", "run", "--drain")
+    assert as_json(bare, "status", "k")["state"] == "succeeded"

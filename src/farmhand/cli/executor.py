@@ -120,11 +120,17 @@ async def serve(
         loop.add_signal_handler(signum, on_signal, signum)
     try:
         store = await open_store(settings.store_url)
+        try:
+            executor = Executor(
+                store, settings, executor_id=executor_id, drain=drain, secrets=secrets
+            )
+        except BaseException:
+            await store.close()
+            raise
     except BaseException:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         raise
-    executor = Executor(store, settings, executor_id=executor_id, drain=drain, secrets=secrets)
     if stop_early:
         executor.stop()
     log.info(
