@@ -137,6 +137,7 @@ async def run_demo(settings: Settings, duration: float | None) -> int:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 0.25)
         if settled(statuses):
+            console.print()
             console.print(
                 "every demo intent settled; inspect them with [bold]farmhand list[/bold], "
                 "[bold]farmhand receipts[/bold], [bold]farmhand dlq list[/bold], "
