@@ -34,6 +34,11 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def bytes_hash(data: bytes) -> str:
+    """Return ``sha256:<hex>`` of canonical JSON bytes already encoded."""
+    return "sha256:" + sha256_hex(data)
+
+
 def payload_hash(payload: Any) -> str:
     """Return ``sha256:<hex>`` of the canonical JSON of ``payload``."""
-    return "sha256:" + sha256_hex(canonical_json(payload))
+    return bytes_hash(canonical_json(payload))

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from farmhand.canonical import canonical_json, payload_hash
+from farmhand.canonical import bytes_hash, canonical_json
 from farmhand.clock import Clock, SystemClock
 from farmhand.connectors import connector_class
 from farmhand.contracts import (
@@ -98,7 +98,8 @@ class Coordinator:
             raise InvalidInput(
                 f"payload must be a JSON object, got {type(request.payload).__name__}"
             )
-        size = len(canonical_json(request.payload))
+        encoded = canonical_json(request.payload)
+        size = len(encoded)
         if size > MAX_PAYLOAD_BYTES:
             raise InvalidInput(
                 f"payload is {size} bytes; the limit is {MAX_PAYLOAD_BYTES}: store large "
@@ -113,7 +114,7 @@ class Coordinator:
                 account=request.account,
                 agent=request.agent,
                 payload=request.payload,
-                payload_hash=payload_hash(request.payload),
+                payload_hash=bytes_hash(encoded),
                 created_at=utc(self._clock.now()),
                 not_before=request.not_before,
                 expires_at=request.expires_at,

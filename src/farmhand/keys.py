@@ -15,6 +15,7 @@ verification at once, also for records signed before it was revoked.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -258,16 +259,7 @@ class Keyring:
             _write_once(self.revoked_dir / f"{key_id}.json", _dump(body), 0o644)
         except FileExistsError:  # revoked meanwhile by someone else: theirs stands
             return self._find(key_id)
-        return KeyInfo(
-            key_id=info.key_id,
-            owner=info.owner,
-            role=info.role,
-            public_key=info.public_key,
-            created_at=info.created_at,
-            revoked_at=at,
-            revoked_by=actor,
-            revoke_reason=reason,
-        )
+        return dataclasses.replace(info, revoked_at=at, revoked_by=actor, revoke_reason=reason)
 
     # -- reading -----------------------------------------------------------------------
 
@@ -280,16 +272,7 @@ class Keyring:
             revocation = revocations.get(info.key_id)
             if revocation is not None:
                 at, by, why = revocation
-                info = KeyInfo(
-                    key_id=info.key_id,
-                    owner=info.owner,
-                    role=info.role,
-                    public_key=info.public_key,
-                    created_at=info.created_at,
-                    revoked_at=at,
-                    revoked_by=by,
-                    revoke_reason=why,
-                )
+                info = dataclasses.replace(info, revoked_at=at, revoked_by=by, revoke_reason=why)
             found.append(info)
         found.sort(key=lambda k: (k.created_at, k.key_id))
         return found

@@ -91,7 +91,8 @@ def with_coordinator(
     import asyncio
 
     settings = settings_for(store)
-    signer = coordinator_signer(settings)
+    # only submitting signs: reading or managing intents never touches the private key
+    signer = coordinator_signer(settings) if signing else None
     if signing and signer is None:
         from farmhand.signing import KeyMissing
 

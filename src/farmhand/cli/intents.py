@@ -309,6 +309,11 @@ def list_(
     )
 
 
+async def _intent_id(co: Coordinator, ref: str | None) -> str | None:
+    """The id of the intent an ``--intent`` filter names (by id or key), if one was given."""
+    return (await co.status(ref)).id if ref else None
+
+
 def receipts(
     intent: IntentFilterOption = None,
     limit: LimitOption = 100,
@@ -318,7 +323,7 @@ def receipts(
     """List receipts (successes and failure records), newest first."""
 
     async def run(co: Coordinator, _: Settings) -> list[Receipt]:
-        intent_id = (await co.status(intent)).id if intent else None
+        intent_id = await _intent_id(co, intent)
         return await co.store.receipts(intent_id, limit)
 
     found = with_coordinator(store, run)
@@ -386,7 +391,7 @@ def audit(
     from farmhand.contracts import AuditEvent
 
     async def run(co: Coordinator, _: Settings) -> list[AuditEvent]:
-        intent_id = (await co.status(intent)).id if intent else None
+        intent_id = await _intent_id(co, intent)
         return await co.store.audit(intent_id, limit)
 
     found = with_coordinator(store, run)

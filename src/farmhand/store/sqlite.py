@@ -296,15 +296,13 @@ class SQLiteStore:
             f"SELECT {_INTENT_COLUMNS}, key FROM intents WHERE {where} {suffix}", params
         ).fetchall()
         receipts: dict[str, list[Receipt]] = {}
-        ids = [row[0] for row in rows]
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            for intent_id, body in db.execute(
-                f"SELECT intent_id, body FROM receipts WHERE intent_id IN "
-                f"({','.join('?' * len(chunk))}) ORDER BY seq",
-                chunk,
-            ):
-                receipts.setdefault(intent_id, []).append(Receipt.model_validate_json(body))
+        for intent_id, body in limits.select_in(
+            db,
+            "SELECT intent_id, body FROM receipts WHERE intent_id",
+            [row[0] for row in rows],
+            " ORDER BY seq",
+        ):
+            receipts.setdefault(intent_id, []).append(Receipt.model_validate_json(body))
         out: dict[str, IntentStatus] = {}
         for row in rows:
             out[row[-1]] = self._status(row, receipts.get(row[0], []))

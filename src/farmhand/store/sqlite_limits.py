@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from farmhand.config import BreakerConfig, Limit
@@ -62,24 +62,25 @@ def gcra_tokens(tat: float, now: float, limit: Limit) -> int:
     return max(0, min(limit.burst, math.floor(room + _EPSILON)))
 
 
+def select_in(
+    db: sqlite3.Connection, sql: str, values: Sequence[str], suffix: str = ""
+) -> Iterator[Any]:
+    """Rows of ``sql`` + `` IN (values)`` + ``suffix``, in chunks that stay under SQLite's
+    parameter limit. Duplicate values are asked for once."""
+    unique = list(dict.fromkeys(values))
+    for start in range(0, len(unique), 500):
+        chunk = unique[start : start + 500]
+        yield from db.execute(f"{sql} IN ({','.join('?' * len(chunk))}){suffix}", chunk)
+
+
 # -- buckets ----------------------------------------------------------------------------------
 
 _BucketRow = tuple[float, float, str | None]  # tat, paused_until, reason
 
 
 def _bucket_rows(db: sqlite3.Connection, names: Sequence[str]) -> dict[str, _BucketRow]:
-    found: dict[str, _BucketRow] = {}
-    unique = list(dict.fromkeys(names))
-    for start in range(0, len(unique), 500):
-        chunk = unique[start : start + 500]
-        rows = db.execute(
-            "SELECT name, tat, paused_until, reason FROM buckets"
-            f" WHERE name IN ({','.join('?' * len(chunk))})",
-            chunk,
-        )
-        for name, tat, paused_until, reason in rows:
-            found[name] = (tat, paused_until, reason)
-    return found
+    rows = select_in(db, "SELECT name, tat, paused_until, reason FROM buckets WHERE name", names)
+    return {name: (tat, paused_until, reason) for name, tat, paused_until, reason in rows}
 
 
 def _judge(request: Sequence[Bucket], rows: dict[str, _BucketRow], now: float) -> Throttle:
@@ -185,18 +186,15 @@ _CLOSED: _BreakerRow = ("closed", 0, None, None, None)
 
 
 def _breaker_rows(db: sqlite3.Connection, keys: Sequence[str]) -> dict[str, _BreakerRow]:
-    found: dict[str, _BreakerRow] = {}
-    unique = list(dict.fromkeys(keys))
-    for start in range(0, len(unique), 500):
-        chunk = unique[start : start + 500]
-        rows = db.execute(
-            "SELECT key, state, failures, retry_at, probe, probe_until FROM breakers"
-            f" WHERE key IN ({','.join('?' * len(chunk))})",
-            chunk,
-        )
-        for key, state, failures, retry_at, probe, probe_until in rows:
-            found[key] = (state, failures, retry_at, probe, probe_until)
-    return found
+    rows = select_in(
+        db,
+        "SELECT key, state, failures, retry_at, probe, probe_until FROM breakers WHERE key",
+        keys,
+    )
+    return {
+        key: (state, failures, retry_at, probe, probe_until)
+        for key, state, failures, retry_at, probe, probe_until in rows
+    }
 
 
 def _status(row: _BreakerRow, now: float) -> BreakerStatus:
