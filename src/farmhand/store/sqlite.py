@@ -76,6 +76,22 @@ def _migrations() -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def _while_locked(action: Callable[[], object]) -> None:
+    """Run ``action`` until SQLite stops answering "locked", polling every 0.1-1 ms, for at
+    most the lock timeout (then the error stands)."""
+    deadline = time.monotonic() + _LOCK_TIMEOUT
+    pause = 0.0001
+    while True:
+        try:
+            action()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.001)
+
+
 def _statements(script: str) -> list[str]:
     """Split a SQL script into statements (executescript would commit mid-migration)."""
     statements, buffer = [], ""
@@ -148,14 +164,19 @@ class SQLiteStore:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db = db
         db.execute(f"PRAGMA busy_timeout = {int(_LOCK_TIMEOUT * 1000)}")
+        # several processes opening a brand-new file race to switch it to WAL and migrate it;
+        # SQLite can answer "locked" there without waiting, so the set-up is polled as well
+        _while_locked(lambda: self._set_up(db))
+        watch = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        watch.execute("PRAGMA busy_timeout = 30000")
+        self._watch = watch
+
+    def _set_up(self, db: sqlite3.Connection) -> None:
         mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
             raise StoreError(f"the SQLite store {self.path} cannot use WAL mode (got {mode})")
         db.execute("PRAGMA synchronous = FULL")
         self._migrate(db)
-        watch = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        watch.execute("PRAGMA busy_timeout = 30000")
-        self._watch = watch
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         migrations = _migrations()
@@ -196,17 +217,7 @@ class SQLiteStore:
         """
         conn.execute("PRAGMA busy_timeout = 0")
         try:
-            deadline = time.monotonic() + _LOCK_TIMEOUT
-            pause = 0.0001
-            while True:
-                try:
-                    conn.execute("BEGIN IMMEDIATE")
-                    return
-                except sqlite3.OperationalError as exc:
-                    if "locked" not in str(exc) or time.monotonic() > deadline:
-                        raise
-                time.sleep(pause)
-                pause = min(pause * 2, 0.001)
+            _while_locked(lambda: conn.execute("BEGIN IMMEDIATE"))
         finally:
             conn.execute(f"PRAGMA busy_timeout = {int(_LOCK_TIMEOUT * 1000)}")
 
