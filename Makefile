@@ -1,11 +1,11 @@
 # Two entry points: `make run` (the demo on the embedded store) and `make test`
-# (lint, types and the whole suite). Both create the virtual environment themselves.
+# (servers, lint, types and the whole suite). Both create the virtual environment themselves.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench clean
+.PHONY: run test servers lint typecheck unit bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ $(STAMP): pyproject.toml | $(BIN)/python
 run: $(STAMP)
 	$(BIN)/farmhand up --demo
 
+# PostgreSQL and Redis binaries for the server-backed tests (the tests start and stop the
+# servers themselves, on loopback, in temporary directories)
+servers:
+	@./scripts/install-servers
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
@@ -25,11 +30,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck
+test: servers lint typecheck
 	$(BIN)/python -m pytest
 
-bench: $(STAMP)
+bench: $(STAMP) servers
 	$(BIN)/python benchmarks/bench_sqlite.py
+	$(BIN)/python benchmarks/bench_servers.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

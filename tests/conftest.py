@@ -1,19 +1,59 @@
-"""Shared fixtures: a temp home, a FakeClock, a real SQLite file store, settings, a coordinator."""
+"""Shared fixtures: a temp home, a FakeClock, a real SQLite file store, settings, a coordinator,
+and real PostgreSQL and Redis servers on loopback for the tests that need one."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from backends import server_missing
 from farmhand.clock import FakeClock
 from farmhand.config import RetryConfig, Settings, load
 from farmhand.coordinator import Coordinator
 from farmhand.keys import Keyring
 from farmhand.store import Store, open_store
+from farmhand.testing.servers import LocalPostgres, LocalRedis, ServerUnavailable
 from homes import prepare_home
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[LocalPostgres | str]:
+    """A PostgreSQL server for the whole run: FARMHAND_TEST_POSTGRES (a URL) if set, else a
+    throw-away cluster on loopback, stopped at the end."""
+    if url := os.environ.get("FARMHAND_TEST_POSTGRES"):
+        yield url
+        return
+    try:
+        server = LocalPostgres().start()
+    except ServerUnavailable as exc:
+        server_missing("PostgreSQL", exc)
+        raise
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[LocalRedis | str]:
+    """A Redis server for the whole run: FARMHAND_TEST_REDIS (a URL) if set, else a throw-away
+    redis-server on loopback with AOF, stopped at the end."""
+    if url := os.environ.get("FARMHAND_TEST_REDIS"):
+        yield url
+        return
+    try:
+        server = LocalRedis().start()
+    except ServerUnavailable as exc:
+        server_missing("Redis", exc)
+        raise
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

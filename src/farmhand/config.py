@@ -43,6 +43,8 @@ class AccountConfig:
     [accounts.billing.kind_limits."webhook.post"]
     rate = 2.0
     burst = 2
+    [accounts.billing.connector]      # settings the connector reads (server, options)
+    host = "smtp.example.org"
     ```
     """
 
@@ -54,6 +56,9 @@ class AccountConfig:
     secret: str | None = None
     limit: Limit | None = None
     kind_limits: Mapping[str, Limit] = field(default_factory=dict)
+    #: ``[accounts.<name>.connector]``: settings for the connector acting as this account
+    #: (its server, port, options), validated by that connector
+    connector: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,8 +195,12 @@ def _account(name: str, table: Mapping[str, Any], path: Path) -> AccountConfig:
         limit = _limit(sub, f"{where}.kind_limits.{kind}")
         if limit is not None:
             kind_limits[kind] = limit
+    connector = table.get("connector", {})
+    if not isinstance(connector, dict):
+        raise InvalidInput(f"{where}.connector must be a table of connector settings")
     return AccountConfig(
         name=name,
+        connector=connector,
         honours_idempotency_key=honours,
         kinds=tuple(kinds),
         secret=secret,

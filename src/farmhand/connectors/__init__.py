@@ -26,6 +26,10 @@ ENTRY_POINT_GROUP = "farmhand.connectors"
 BUILTIN: dict[str, str] = {
     "noop": "farmhand.connectors.noop:NoopConnector",
     "webhook.post": "farmhand.connectors.webhook:WebhookConnector",
+    "email.send": "farmhand.connectors.email:EmailConnector",
+    "calendar.put": "farmhand.connectors.calendar:CalendarConnector",
+    "x.post": "farmhand.connectors.x:XConnector",
+    "command.run": "farmhand.connectors.command:CommandConnector",
 }
 
 

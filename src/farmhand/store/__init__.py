@@ -9,7 +9,7 @@ from farmhand.clock import Clock
 from farmhand.errors import InvalidInput
 from farmhand.store.base import Change, Claim, IntentQuery, NewIntent, Readiness, Store
 
-SCHEMES = ("sqlite",)
+SCHEMES = ("sqlite", "folder", "postgresql", "redis")
 
 
 def sqlite_path(url: str) -> Path:
@@ -29,16 +29,34 @@ def sqlite_path(url: str) -> Path:
 
 
 async def open_store(url: str, clock: Clock | None = None) -> Store:
-    """Open the store a URL names, creating it if it does not exist yet."""
+    """Open the store a URL names, creating (and migrating) it if needed.
+
+    ``clock`` is for tests: without one, SQLite and folder stores use this host's clock and
+    the server stores use their server's clock, so that every executor judges lease expiry
+    and rate limits on one timeline.
+    """
     scheme = url.partition(":")[0].lower() if ":" in url else ""
     if scheme == "sqlite":
         from farmhand.store.sqlite import SQLiteStore
 
         return await SQLiteStore.open(sqlite_path(url), clock)
+    if scheme == "folder":
+        from farmhand.store.folder import FolderStore
+
+        return await FolderStore.open(url, clock)
+    if scheme in ("postgresql", "postgres"):
+        from farmhand.store.postgres import PostgresStore
+
+        return await PostgresStore.open(url, clock)
+    if scheme in ("redis", "rediss"):
+        from farmhand.store.redis import RedisStore
+
+        return await RedisStore.open(url, clock)
     raise InvalidInput(
         f"unknown store URL scheme {scheme or url!r}; use one of: "
         + ", ".join(f"{s}:" for s in SCHEMES)
-        + " (e.g. sqlite:///path/farmhand.db)"
+        + " (e.g. sqlite:///path/farmhand.db, folder:///shared/farmhand,"
+        " postgresql://host/db, redis://host:6379/0)"
     )
 
 

@@ -1,19 +1,17 @@
-"""Rate-limit buckets (GCRA), pauses and circuit breakers: the store primitives on a real
-SQLite file with a FakeClock, including races between two connections to the same file."""
+"""Store conformance: rate-limit buckets (GCRA), pauses and circuit breakers, with a FakeClock,
+including races between two connections to the same store."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import random
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from farmhand.clock import FakeClock
 from farmhand.config import BreakerConfig, Limit
-from farmhand.store import Store, open_store
+from farmhand.store import Store
 from farmhand.store.base import BreakerResult, Bucket
 
 RATE5 = Limit(rate=5.0, burst=5)
@@ -43,16 +41,6 @@ async def fail(store: Store, n: int, ticket: str = "in_x", error: str = "HTTP 50
 
 async def actions(store: Store) -> list[str]:
     return [e.action for e in reversed(await store.audit(limit=1000))]
-
-
-@pytest.fixture
-async def second(tmp_home: Path, clock: FakeClock, store: Store) -> AsyncIterator[Store]:
-    """A second store connection (its own thread) on the same file and clock."""
-    opened = await open_store(f"sqlite://{tmp_home}/farmhand.db", clock)
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 # -- GCRA ---------------------------------------------------------------------------------------
