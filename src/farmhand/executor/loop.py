@@ -242,7 +242,7 @@ class Executor:
         for claim, attempt in zip(to_start, started, strict=True):
             if attempt is None:
                 log.warning("lease on %s lost before its attempt started", claim.intent.id)
-                self._release(claim.intent.id)
+                self._release(claim.intent.id, claim.lease.token)
                 continue
             self._held[claim.intent.id].started = True
             self._spawn(self._call(claim, attempt))
@@ -303,7 +303,7 @@ class Executor:
             )
             await self._finish(change)
         finally:
-            self._release(intent.id)
+            self._release(intent.id, claim.lease.token)
 
     def _interrupted(self, call: Call, error: str) -> Result:
         connector = self._connectors.get(call.intent.kind)
@@ -330,10 +330,15 @@ class Executor:
                 found = Uncertain(error=f"reconcile failed: {type(exc).__name__}: {exc}")
             await self._finish(outcomes.after_reconcile(claim, attempt, found, self._clock.now()))
         finally:
-            self._release(intent.id)
+            self._release(intent.id, claim.lease.token)
 
-    def _release(self, intent_id: str) -> None:
-        if self._held.pop(intent_id, None) is not None:
+    def _release(self, intent_id: str, token: int) -> None:
+        """Forget the lease with ``token`` on an intent. By token, not by id: the intent may
+        already be held again under a newer lease (a retry claimed back before the task that
+        wrote the retry resumed), which must stay held."""
+        held = self._held.get(intent_id)
+        if held is not None and held.claim.lease.token == token:
+            del self._held[intent_id]
             self._slot_freed.set()
 
     # -- writing outcomes -------------------------------------------------------------
@@ -361,7 +366,7 @@ class Executor:
         for change, ok in zip(changes, results, strict=True):
             self._count(change, ok)
             if change.token is not None and change.to_state is not IntentState.RUNNING:
-                self._release(change.intent_id)
+                self._release(change.intent_id, change.token)
         return results
 
     async def _flush(self) -> None:
