@@ -1,4 +1,4 @@
-"""The executor loop on a real SQLite store with the noop connector.
+"""The executor loop on every store (tests/contract/conftest.py) with the noop connector.
 
 The store and the executor share one FakeClock: a drain run stops when nothing is ready
 *now*, so backoff is crossed by advancing the clock between runs instead of sleeping.

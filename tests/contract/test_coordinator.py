@@ -1,4 +1,4 @@
-"""The coordinator (the brain): idempotent submission and the human transitions."""
+"""The coordinator (the brain): idempotent submission and the human transitions, on every store."""
 
 from __future__ import annotations
 

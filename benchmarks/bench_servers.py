@@ -1,0 +1,657 @@
+#!/usr/bin/env python3
+"""farmhand on PostgreSQL and Redis: each figure beside a raw baseline on the same server, same run.
+
+Per backend:
+
+1. throughput: N pre-loaded ``noop`` intents drained by 2 ``farmhand executor run --drain
+   --concurrency B`` processes (B = the claim batch), against a raw queue on the same
+   server with 2 worker processes claiming batches of B: plain SQL ``FOR UPDATE SKIP
+   LOCKED`` claim + ``UPDATE … done`` on PostgreSQL, plain ``XADD``/``XREADGROUP``/``XACK``
+   on Redis;
+2. latency: submit -> receipt at a fixed offered rate (one submit per intent, absolute
+   schedule) with 2 long-running executors, against the raw queue fed the same way and
+   woken the way its server allows (LISTEN/NOTIFY; a blocking XREADGROUP).
+
+The servers are throw-away ones started here on loopback (PostgreSQL with fsync on, Redis
+with AOF ``appendfsync everysec``, as the docs recommend), or the ones named by
+``--postgres``/``--redis``. Progress goes to stderr, the table (or ``--json``) to stdout::
+
+    .venv/bin/python benchmarks/bench_servers.py                  # both backends, ~2 min
+    .venv/bin/python benchmarks/bench_servers.py --backend redis --intents 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from multiprocessing.synchronize import Event as EventType
+from pathlib import Path
+from typing import Any
+
+from bench_sqlite import (
+    LatencyResult,
+    Pacing,
+    children_cpu,
+    fresh_dir,
+    init_home,
+    latency_result,
+    progress,
+    start_executors,
+    wait_until_listening,
+    warm_bytecode,
+)
+
+#: reference figures measured on this kind of machine (drain, 2 workers, 20,000 jobs)
+REFERENCE = {"postgres": ("PgQueuer", 5_000.0), "redis": ("huey", 4_700.0)}
+TARGET_SHARE = 0.60  # farmhand end to end / raw baseline, same batch size
+TARGET_P95_MS = {"postgres": 10.0, "redis": 3.0}  # at 200/s offered
+
+
+@dataclass
+class Options:
+    backends: list[str]
+    intents: int
+    executors: int
+    #: claim batch of both sides; farmhand's executors run with --concurrency batch
+    concurrency: int
+    rate: float
+    duration: float
+    tmpdir: str | None
+    keep: bool
+    as_json: bool
+    postgres: str | None
+    redis: str | None
+    pycache: str | None = None
+
+
+# -- farmhand side ------------------------------------------------------------------------
+
+
+def coordinator_for(store: Any, home: Path) -> Any:
+    from farmhand.config import load
+    from farmhand.coordinator import Coordinator
+    from farmhand.keys import Keyring
+
+    settings = load(home=init_home(home))
+    return Coordinator(
+        store, policy=settings.policy, signer=Keyring(home / "keys").signer("coordinator")
+    )
+
+
+async def preload(url: str, home: Path, n: int, chunk: int = 1000) -> None:
+    from farmhand.coordinator import SubmitRequest, Submitted
+    from farmhand.store import open_store
+
+    store = await open_store(url)
+    try:
+        co = coordinator_for(store, home)
+        for start in range(0, n, chunk):
+            intents = [
+                co.build_intent(SubmitRequest(kind="noop", key=f"bench-{i}", payload={}))
+                for i in range(start, min(n, start + chunk))
+            ]
+            results = await co.submit_many(intents, actor="bench")
+            if not all(isinstance(r, Submitted) and r.created for r in results):
+                raise RuntimeError("pre-loading: some intents were not created")
+    finally:
+        await store.close()
+
+
+async def read_outcome(url: str, n: int) -> dict[str, Any]:
+    """Exactly-once check and receipt times, read back through the store API."""
+    from farmhand.contracts import IntentState, Outcome
+    from farmhand.store import IntentQuery, open_store
+
+    store = await open_store(url)
+    try:
+        counts = await store.counts()
+        intents = await store.list_intents(IntentQuery(limit=n + 1))
+    finally:
+        await store.close()
+    succeeded = [[r for r in i.receipts if r.outcome is Outcome.SUCCEEDED] for i in intents]
+    finished = sorted(r[0].finished_at.timestamp() for r in succeeded if r)
+    lat = [
+        (
+            r[0].finished_at.timestamp() - i.created_at.timestamp(),
+            (r[0].started_at or r[0].finished_at).timestamp() - i.created_at.timestamp(),
+        )
+        for i, r in zip(intents, succeeded, strict=True)
+        if r
+    ]
+    return {
+        "intents": len(intents),
+        "succeeded": counts.get(IntentState.SUCCEEDED, 0),
+        "one_success_each": sum(1 for r in succeeded if len(r) == 1),
+        "receipts": sum(len(i.receipts) for i in intents),
+        "finished": finished,
+        "latencies": lat,
+    }
+
+
+@dataclass
+class Drain:
+    n: int
+    wall_s: float
+    wall_rate: float
+    steady_rate: float
+    cpu_us_per_intent: float
+    exactly_once: bool
+
+
+def farmhand_drain(url: str, opts: Options, name: str) -> Drain:
+    n = opts.intents
+    with fresh_dir(f"{name}-drain", opts) as workdir:
+        progress(f"{name}: pre-loading {n:,} intents")
+        asyncio.run(preload(url, workdir / "home", n))
+        progress(f"{name}: draining with {opts.executors} executors, batch {opts.concurrency}")
+        t, cpu = time.perf_counter(), children_cpu()
+        group = start_executors(workdir, url, opts, drain=True)  # type: ignore[arg-type]
+        try:
+            for proc in group.procs:
+                proc.wait(timeout=900)
+            wall = time.perf_counter() - t
+            cpu_s = children_cpu() - cpu
+        finally:
+            group.kill_leftovers()
+        if any(p.returncode != 0 for p in group.procs):
+            raise group.failure("an executor failed")
+        found = asyncio.run(read_outcome(url, n))
+    finished = found["finished"]
+    steady = (len(finished) - 1) / (finished[-1] - finished[0]) if len(finished) > 1 else 0.0
+    return Drain(
+        n=n,
+        wall_s=wall,
+        wall_rate=n / wall,
+        steady_rate=steady,
+        cpu_us_per_intent=cpu_s / n * 1e6,
+        exactly_once=found["intents"] == found["succeeded"] == found["one_success_each"] == n,
+    )
+
+
+async def offered_submits(url: str, home: Path, rate: float, total: int) -> Pacing:
+    from farmhand.coordinator import SubmitRequest
+    from farmhand.store import open_store
+
+    store = await open_store(url)
+    pacing = Pacing()
+    try:
+        co = coordinator_for(store, home)
+        start = time.perf_counter() + 0.05
+        for i in range(total):
+            due = start + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            began = time.perf_counter()
+            pacing.max_lag_ms = max(pacing.max_lag_ms, (began - due) * 1000)
+            await co.submit(SubmitRequest(kind="noop", key=f"lat-{i}", payload={}), "bench")
+            pacing.call_ms.append((time.perf_counter() - began) * 1000)
+        pacing.achieved_rate = total / (time.perf_counter() - start)
+    finally:
+        await store.close()
+    return pacing
+
+
+async def wait_succeeded(url: str, want: int, timeout: float) -> int:
+    from farmhand.contracts import IntentState
+    from farmhand.store import open_store
+
+    store = await open_store(url)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            have = (await store.counts()).get(IntentState.SUCCEEDED, 0)
+            if have >= want or time.monotonic() > deadline:
+                return have
+            await asyncio.sleep(0.05)
+    finally:
+        await store.close()
+
+
+def farmhand_latency(url: str, opts: Options, name: str) -> LatencyResult:
+    total = max(1, round(opts.rate * opts.duration))
+    with fresh_dir(f"{name}-latency", opts) as workdir:
+        home = init_home(workdir / "home")
+        group = start_executors(workdir, url, opts, drain=False)  # type: ignore[arg-type]
+        try:
+            wait_until_listening(group)
+            time.sleep(0.3)
+            progress(f"{name}: submitting {total:,} intents at {opts.rate:g}/s")
+            pacing = asyncio.run(offered_submits(url, home, opts.rate, total))
+            done = asyncio.run(wait_succeeded(url, total, 60.0))
+            if done < total:
+                raise group.failure(f"only {done} of {total} intents succeeded")
+            for proc in group.procs:
+                proc.send_signal(signal.SIGTERM)
+            for proc in group.procs:
+                proc.wait(timeout=30)
+        finally:
+            group.kill_leftovers()
+        found = asyncio.run(read_outcome(url, total))
+    return latency_result(opts.rate, total, pacing, found["latencies"])
+
+
+# -- raw baselines ------------------------------------------------------------------------
+
+
+def job_payload(i: int) -> str:
+    # about the size of a farmhand intent body, so both sides move the same bytes
+    return json.dumps(
+        {"kind": "noop", "key": f"bench-{i}", "account": "default", "agent": "local"}
+        | {"payload": {}, "max_attempts": 5, "created_at": time.time()}
+    )
+
+
+PG_SCHEMA = """
+CREATE TABLE jobs (
+    id bigserial PRIMARY KEY,
+    payload text NOT NULL,
+    state text NOT NULL DEFAULT 'pending',
+    owner text,
+    created_at double precision NOT NULL,
+    claimed_at double precision,
+    done_at double precision
+);
+CREATE INDEX jobs_pending ON jobs (id) WHERE state = 'pending';
+"""
+PG_CLAIM = """
+UPDATE jobs SET state = 'running', owner = %s, claimed_at = extract(epoch from clock_timestamp())
+WHERE id IN (SELECT id FROM jobs WHERE state = 'pending' ORDER BY id LIMIT %s
+             FOR UPDATE SKIP LOCKED)
+RETURNING id, payload
+"""
+PG_DONE = (
+    "UPDATE jobs SET state = 'done', done_at = extract(epoch from clock_timestamp())"
+    " WHERE id = ANY(%s)"
+)
+
+
+def pg_worker(
+    url: str, name: str, batch: int, drain: bool, ready: EventType, stop: EventType
+) -> None:
+    import psycopg
+
+    with (
+        psycopg.connect(url, autocommit=True) as conn,
+        psycopg.connect(url, autocommit=True) as listen,
+    ):
+        listen.execute("LISTEN jobs")
+        ready.set()
+        while not stop.is_set():
+            rows = conn.execute(PG_CLAIM, (name, batch)).fetchall()
+            if rows:
+                for _, payload in rows:
+                    json.loads(payload)
+                conn.execute(PG_DONE, ([r[0] for r in rows],))
+                continue
+            if drain:
+                break
+            for _ in listen.notifies(timeout=0.5, stop_after=1):
+                pass
+
+
+def redis_worker(
+    url: str, name: str, batch: int, drain: bool, ready: EventType, stop: EventType
+) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    ready.set()
+    while not stop.is_set():
+        got = client.xreadgroup(
+            "workers", name, {"jobs": ">"}, count=batch, block=None if drain else 500
+        )
+        entries = got[0][1] if got else []
+        if not entries:
+            if drain:
+                break
+            continue
+        pipe = client.pipeline(transaction=False)
+        ids = []
+        for entry_id, fields in entries:
+            json.loads(fields[b"p"])
+            ids.append(entry_id)
+            pipe.hset("done", entry_id, time.time())
+        pipe.xack("jobs", "workers", *ids)
+        pipe.execute()
+
+
+@dataclass
+class Workers:
+    procs: list[multiprocessing.process.BaseProcess]
+    ready: list[EventType]
+    stop: EventType
+
+    def wait_ready(self) -> None:
+        for event in self.ready:
+            if not event.wait(30):
+                raise RuntimeError("a baseline worker did not start")
+
+    def join(self, timeout: float) -> None:
+        for proc in self.procs:
+            proc.join(timeout)
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        if any(p.exitcode != 0 for p in self.procs):
+            raise RuntimeError(f"baseline worker failed: {[p.exitcode for p in self.procs]}")
+
+
+def start_workers(target: Callable[..., None], url: str, opts: Options, drain: bool) -> Workers:
+    ctx = multiprocessing.get_context("spawn")
+    stop = ctx.Event()
+    ready = [ctx.Event() for _ in range(opts.executors)]
+    procs: list[multiprocessing.process.BaseProcess] = [
+        ctx.Process(target=target, args=(url, f"w{i}", opts.concurrency, drain, ready[i], stop))
+        for i in range(opts.executors)
+    ]
+    for proc in procs:
+        proc.start()
+    return Workers(procs, ready, stop)
+
+
+class RawQueue:
+    """The raw baseline on one server: create, preload, submit one, count done."""
+
+    def __init__(self, backend: str, url: str) -> None:
+        self.backend, self.url = backend, url
+
+    def create(self) -> None:
+        if self.backend == "postgres":
+            import psycopg
+
+            with psycopg.connect(self.url, autocommit=True) as conn:
+                conn.execute(PG_SCHEMA)
+        else:
+            import redis
+
+            client = redis.Redis.from_url(self.url)
+            client.flushdb()
+            client.xgroup_create("jobs", "workers", id="0", mkstream=True)
+
+    def preload(self, n: int) -> None:
+        now = time.time()
+        if self.backend == "postgres":
+            import psycopg
+
+            with (
+                psycopg.connect(self.url) as conn,
+                conn.cursor() as cur,
+                cur.copy("COPY jobs (payload, created_at) FROM STDIN") as copy,
+            ):
+                for i in range(n):
+                    copy.write_row((job_payload(i), now))
+        else:
+            import redis
+
+            client = redis.Redis.from_url(self.url)
+            for start in range(0, n, 1000):
+                pipe = client.pipeline(transaction=False)
+                for i in range(start, min(n, start + 1000)):
+                    pipe.xadd("jobs", {"p": job_payload(i), "t": now})
+                pipe.execute()
+
+    def worker(self) -> Callable[..., None]:
+        return pg_worker if self.backend == "postgres" else redis_worker
+
+    def latencies(self) -> list[tuple[float, float]]:
+        if self.backend == "postgres":
+            import psycopg
+
+            with psycopg.connect(self.url) as conn:
+                rows = conn.execute(
+                    "SELECT done_at - created_at, claimed_at - created_at FROM jobs"
+                    " WHERE done_at IS NOT NULL"
+                ).fetchall()
+            return [(float(a), float(b)) for a, b in rows]
+        import redis
+
+        client = redis.Redis.from_url(self.url)
+        done = {k: float(v) for k, v in client.hgetall("done").items()}
+        rows = []
+        for entry_id, fields in client.xrange("jobs"):
+            if entry_id in done:
+                latency = done[entry_id] - float(fields[b"t"])
+                rows.append((latency, latency))
+        return rows
+
+    def done(self) -> int:
+        if self.backend == "postgres":
+            import psycopg
+
+            with psycopg.connect(self.url) as conn:
+                row = conn.execute("SELECT count(*) FROM jobs WHERE state = 'done'").fetchone()
+            return int(row[0]) if row else 0
+        import redis
+
+        return int(redis.Redis.from_url(self.url).hlen("done"))
+
+    def submitter(self) -> Callable[[int], None]:
+        if self.backend == "postgres":
+            import psycopg
+
+            conn = psycopg.connect(self.url, autocommit=True)
+
+            def submit_pg(i: int) -> None:
+                with conn.transaction():
+                    conn.execute(
+                        "INSERT INTO jobs (payload, created_at) VALUES (%s, %s)",
+                        (job_payload(i), time.time()),
+                    )
+                    conn.execute("NOTIFY jobs")
+
+            return submit_pg
+        import redis
+
+        client = redis.Redis.from_url(self.url)
+
+        def submit_redis(i: int) -> None:
+            client.xadd("jobs", {"p": job_payload(i), "t": time.time()})
+
+        return submit_redis
+
+
+def raw_drain(queue: RawQueue, opts: Options) -> Drain:
+    n = opts.intents
+    queue.create()
+    queue.preload(n)
+    progress(f"{queue.backend} raw: draining {n:,} jobs, batch {opts.concurrency}")
+    t, cpu = time.perf_counter(), children_cpu()
+    workers = start_workers(queue.worker(), queue.url, opts, drain=True)
+    workers.join(900)
+    wall = time.perf_counter() - t
+    cpu_s = children_cpu() - cpu
+    done = queue.done()
+    return Drain(n, wall, n / wall, math.nan, cpu_s / n * 1e6, done == n)
+
+
+def raw_latency(queue: RawQueue, opts: Options) -> LatencyResult:
+    total = max(1, round(opts.rate * opts.duration))
+    queue.create()
+    workers = start_workers(queue.worker(), queue.url, opts, drain=False)
+    try:
+        workers.wait_ready()
+        time.sleep(0.3)
+        submit = queue.submitter()
+        pacing = Pacing()
+        start = time.perf_counter() + 0.05
+        for i in range(total):
+            due = start + i / opts.rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            began = time.perf_counter()
+            pacing.max_lag_ms = max(pacing.max_lag_ms, (began - due) * 1000)
+            submit(i)
+            pacing.call_ms.append((time.perf_counter() - began) * 1000)
+        pacing.achieved_rate = total / (time.perf_counter() - start)
+        deadline = time.monotonic() + 60
+        while queue.done() < total and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        workers.stop.set()
+        workers.join(30)
+    return latency_result(opts.rate, total, pacing, queue.latencies())
+
+
+# -- servers, databases, output -----------------------------------------------------------
+
+
+class Server:
+    """One throw-away server (or a given URL) handing out fresh databases / namespaces."""
+
+    def __init__(self, backend: str, given: str | None) -> None:
+        self.backend = backend
+        self._given = given
+        self._local: Any = None
+        self._n = 0
+
+    def __enter__(self) -> Server:
+        from farmhand.testing.servers import LocalPostgres, LocalRedis
+
+        if self._given is None:
+            local = LocalPostgres(durable=True) if self.backend == "postgres" else LocalRedis()
+            self._local = local.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._local is not None:
+            self._local.stop()
+
+    @property
+    def base(self) -> str:
+        return self._given or self._local.url
+
+    def fresh(self, purpose: str) -> tuple[str, str]:
+        """(farmhand store URL, raw baseline URL) of a new empty database or namespace."""
+        self._n += 1
+        name = f"bench_{purpose}_{os.getpid()}_{self._n}"
+        if self.backend == "postgres":
+            import psycopg
+
+            with psycopg.connect(self.base, autocommit=True) as conn:
+                conn.execute(f'CREATE DATABASE "{name}"')
+            url = f"{self.base.rsplit('/', 1)[0]}/{name}"
+            return url, url
+        db = self._n % 15 + 1  # the raw baseline flushes its own database, never farmhand's
+        base = self.base.rsplit("/", 1)[0]
+        return f"{self.base}?namespace={name}", f"{base}/{db}"
+
+
+def measure(backend: str, opts: Options) -> dict[str, Any]:
+    given = opts.postgres if backend == "postgres" else opts.redis
+    out: dict[str, Any] = {}
+    with Server(backend, given) as server:
+        progress(f"{backend}: server at {server.base}")
+        url, raw = server.fresh("drain")
+        out["raw_drain"] = asdict(raw_drain(RawQueue(backend, raw), opts))
+        out["drain"] = asdict(farmhand_drain(url, opts, backend))
+        url, raw = server.fresh("latency")
+        out["raw_latency"] = asdict(raw_latency(RawQueue(backend, raw), opts))
+        out["latency"] = asdict(farmhand_latency(url, opts, backend))
+    return out
+
+
+def render(results: dict[str, Any], opts: Options) -> str:
+    lines = [
+        f"farmhand on server stores: {opts.intents:,} noop intents, {opts.executors} "
+        f"executors, claim batch {opts.concurrency}; latency at {opts.rate:g}/s offered "
+        f"for {opts.duration:g}s (load average {os.getloadavg()[0]:.2f})",
+        "",
+        "| backend | measurement | farmhand | raw baseline | ratio | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for backend, r in results.items():
+        if "error" in r:
+            lines.append(f"| {backend} | failed: {r['error']} | | | | |")
+            continue
+        fh, raw = r["drain"], r["raw_drain"]
+        share = fh["wall_rate"] / raw["wall_rate"]
+        ref_name, ref_rate = REFERENCE[backend]
+        ok = share >= TARGET_SHARE and fh["wall_rate"] > ref_rate and fh["exactly_once"]
+        lines.append(
+            f"| {backend} | drain, intents/s end to end | **{fh['wall_rate']:,.0f}** | "
+            f"{raw['wall_rate']:,.0f} | {share:.0%} | ≥ {TARGET_SHARE:.0%} and > {ref_name} "
+            f"~{ref_rate:,.0f}/s: {'ok' if ok else 'MISS'} |"
+        )
+        lines.append(
+            f"| {backend} | CPU per intent (all worker processes) | "
+            f"{fh['cpu_us_per_intent']:.0f} µs | {raw['cpu_us_per_intent']:.0f} µs | | |"
+        )
+        fl, rl = r["latency"], r["raw_latency"]
+        target = TARGET_P95_MS[backend]
+        lines.append(
+            f"| {backend} | submit → receipt p50 / p95 / p99 | "
+            f"{fl['p50_ms']:.1f} / **{fl['p95_ms']:.1f}** / {fl['p99_ms']:.1f} ms | "
+            f"{rl['p50_ms']:.1f} / {rl['p95_ms']:.1f} / {rl['p99_ms']:.1f} ms | "
+            f"{fl['p95_ms'] / rl['p95_ms']:.1f}x | p95 < {target:g} ms: "
+            f"{'ok' if fl['p95_ms'] < target else 'MISS'} |"
+        )
+        lines.append(
+            f"| {backend} | exactly once (drain) | "
+            f"{'yes' if fh['exactly_once'] else 'NO'} | {'yes' if raw['exactly_once'] else 'NO'}"
+            " | | |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> Options:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", action="append", choices=("postgres", "redis"))
+    parser.add_argument("--intents", type=int, default=20_000)
+    parser.add_argument("--executors", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=100, help="claim batch of both sides")
+    parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--postgres", help="use this server (a database URL) instead")
+    parser.add_argument("--redis", help="use this server instead")
+    parser.add_argument("--tmpdir")
+    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--json", action="store_true", dest="as_json")
+    a = parser.parse_args(argv)
+    return Options(
+        backends=a.backend or ["postgres", "redis"],
+        intents=a.intents,
+        executors=a.executors,
+        concurrency=a.batch,
+        rate=a.rate,
+        duration=a.duration,
+        tmpdir=a.tmpdir,
+        keep=a.keep,
+        as_json=a.as_json,
+        postgres=a.postgres,
+        redis=a.redis,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts = parse_args(argv)
+    warm_bytecode(opts)  # type: ignore[arg-type]
+    results: dict[str, Any] = {}
+    failed = False
+    for backend in opts.backends:
+        try:
+            results[backend] = measure(backend, opts)
+        except Exception as exc:
+            progress(f"{backend}: failed: {exc}")
+            results[backend] = {"error": str(exc).splitlines()[0]}
+            failed = True
+    if opts.as_json:
+        print(json.dumps(results, indent=1, default=str))
+    else:
+        print(render(results, opts))
+    failed = failed or not all(r.get("drain", {}).get("exactly_once") for r in results.values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
