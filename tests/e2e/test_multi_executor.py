@@ -24,9 +24,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from backends import fresh_postgres_url, fresh_redis_url
 from e2e_support import SETTLED, ArrivalSink, ExecutorProcess, Executors, Farmhand, write_config
 
+from backends import fresh_postgres_url, fresh_redis_url
 from farmhand.contracts import IntentState
 from farmhand.store import open_store
 
