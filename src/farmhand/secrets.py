@@ -105,7 +105,7 @@ def location_problem(path: Path, home: Path, store_url: str) -> str | None:
 
     Refused: a synced or network folder (copies and backups multiply the secret), and the
     store's own folder when that is not the farmhand home (a folder shared for the store is
-    one more place the file would be copied from).
+    one more place the file would be copied from), and anywhere under a folder store's root.
     """
     from farmhand.store.paths import unsafe_reason
 
@@ -122,6 +122,16 @@ def location_problem(path: Path, home: Path, store_url: str) -> str | None:
         real = Path(os.path.realpath(path))
         if store_dir != Path(os.path.realpath(home)) and _inside(real, store_dir):
             return f"it is inside the store's folder {store_dir}"
+    if store_url.partition(":")[0].lower() == "folder":
+        from farmhand.store.folder import folder_root
+
+        try:
+            root = Path(os.path.realpath(folder_root(store_url)))
+        except FarmhandError:
+            return None
+        # all of a folder store is synced to the other machine, even when it is the home
+        if _inside(Path(os.path.realpath(path)), root):
+            return f"it is inside the shared folder store {root}, which is synced to other machines"
     return None
 
 
