@@ -234,7 +234,7 @@ def test_a_damaged_store_fails(home: Path) -> None:
 
 
 def test_an_unknown_store_scheme_fails(home: Path) -> None:
-    code, _, checks = diagnose(home, FARMHAND_STORE="postgres://db/farmhand")
+    code, _, checks = diagnose(home, FARMHAND_STORE="mysql://db/farmhand")
     assert code == 1
     assert checks["store"]["status"] == "fail"
     assert "unknown store URL scheme" in checks["store"]["detail"]
