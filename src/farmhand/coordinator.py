@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -37,6 +37,7 @@ from farmhand.ids import new_id
 from farmhand.store.base import Change, IntentQuery, NewIntent, Store
 
 if TYPE_CHECKING:
+    from farmhand.config import AccountConfig
     from farmhand.policy import Policy
     from farmhand.signing import Signer
 
@@ -83,12 +84,16 @@ class Coordinator:
         *,
         policy: Policy | None = None,
         signer: Signer | None = None,
+        accounts: Mapping[str, AccountConfig] | None = None,
     ) -> None:
         """``policy`` is checked on every submit; ``signer`` (the coordinator's key) signs
-        every intent. Executors refuse unsigned intents and re-check the policy."""
+        every intent. Executors refuse unsigned intents and re-check the policy.
+        ``accounts``: the accounts this host configures; a payload for one of them is also
+        checked against its connector settings (executors check it again)."""
         self.store = store
         self.policy = policy
         self.signer = signer
+        self.accounts = accounts
         self._clock = clock or SystemClock()
 
     def build_intent(self, request: SubmitRequest) -> Intent:
@@ -106,6 +111,8 @@ class Coordinator:
                 "content elsewhere and pass a reference"
             )
         connector.validate(request.payload, request.key)
+        if self.accounts is not None and request.account in self.accounts:
+            connector.validate_for(request.payload, self.accounts[request.account])
         try:
             intent = Intent(
                 id=new_id("in"),

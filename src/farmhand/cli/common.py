@@ -107,7 +107,9 @@ def with_coordinator(
 
         opened = await open_store(settings.store_url)
         try:
-            coordinator = Coordinator(opened, policy=settings.policy, signer=signer)
+            coordinator = Coordinator(
+                opened, policy=settings.policy, signer=signer, accounts=settings.accounts
+            )
             return await action(coordinator, settings)
         finally:
             await opened.close()

@@ -7,11 +7,14 @@ call is safe for an account, and reconciles an attempt whose outcome was lost.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from farmhand.config import AccountConfig
 from farmhand.contracts import Attempt, Intent
 from farmhand.secrets import Secret
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,10 +72,21 @@ class Connector:
     """Base class for connectors. Subclasses set ``kind`` and implement :meth:`execute`."""
 
     kind: ClassVar[str]
+    #: the pydantic model of this kind's payload, published by ``farmhand schema <kind>``
+    #: (None: the connector documents its payload in prose only)
+    payload_model: ClassVar[type[BaseModel] | None] = None
 
     def validate(self, payload: dict[str, Any], key: str) -> None:
         """Raise :class:`farmhand.errors.InvalidInput` if this payload and idempotency key
         cannot be executed (checked at submit and again before every attempt)."""
+
+    def validate_for(self, payload: dict[str, Any], account: AccountConfig) -> None:
+        """Raise :class:`farmhand.errors.InvalidInput` if ``account``'s connector settings
+        do not allow this (already validated) payload, e.g. a command outside an allow-list.
+
+        Checked before every attempt, and at submit when the submitting host's settings
+        configure the account.
+        """
 
     def idempotent(self, account: AccountConfig) -> bool:
         """Whether repeating a call for ``account`` can never duplicate the effect."""

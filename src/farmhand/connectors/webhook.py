@@ -85,6 +85,7 @@ class WebhookConnector(Connector):
     """HTTP webhook connector (httpx, pooled connections)."""
 
     kind: ClassVar[str] = "webhook.post"
+    payload_model: ClassVar[type[BaseModel]] = WebhookPayload
 
     def __init__(self) -> None:
         self._client: httpx.AsyncClient | None = None

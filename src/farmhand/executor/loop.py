@@ -250,10 +250,12 @@ class Executor:
     def _invalid(self, claim: Claim) -> str | None:
         """Why this executor cannot run the intent at all, or None."""
         try:
-            self._connectors.get(claim.intent.kind).validate(claim.intent.payload, claim.intent.key)
+            connector = self._connectors.get(claim.intent.kind)
+            connector.validate(claim.intent.payload, claim.intent.key)
+            account = self.settings.account(claim.intent.account)
+            connector.validate_for(claim.intent.payload, account)
         except FarmhandError as exc:
             return f"cannot execute on {self.id}: {exc}"
-        account = self.settings.account(claim.intent.account)
         if account.secret is not None and account.secret not in self._secrets:
             return (
                 f"account {account.name!r} uses secret {account.secret!r}, which executor "
