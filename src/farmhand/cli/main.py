@@ -18,7 +18,18 @@ os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 import typer
 
 from farmhand._version import __version__
-from farmhand.cli import approvals, dlq, doctor, executor, gate, intents, keys, schema, setup
+from farmhand.cli import (
+    approvals,
+    dlq,
+    doctor,
+    executor,
+    gate,
+    intents,
+    keys,
+    schema,
+    setup,
+    store,
+)
 from farmhand.errors import FarmhandError
 
 EXIT_CODES = (
@@ -71,6 +82,7 @@ app.add_typer(gate.app, name="gate")
 app.add_typer(keys.app, name="keys")
 app.add_typer(dlq.app, name="dlq")
 app.add_typer(executor.app, name="executor")
+app.add_typer(store.app, name="store")
 
 
 def main() -> None:
