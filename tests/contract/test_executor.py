@@ -14,7 +14,7 @@ import pytest
 
 from farmhand.clock import FakeClock
 from farmhand.config import AccountConfig, Settings
-from farmhand.connectors import Call, ConnectorSet, Result
+from farmhand.connectors import Call, Result
 from farmhand.connectors.noop import NoopConnector
 from farmhand.contracts import IntentState, IntentStatus, Outcome, Receipt, ReceiptSource
 from farmhand.contracts.base import utc
@@ -23,21 +23,9 @@ from farmhand.coordinator import Coordinator, SubmitRequest
 from farmhand.executor import Executor, ExecutorStats
 from farmhand.ids import new_id
 from farmhand.store import Change, Store
+from store_support import RUN_LIMIT, CountingNoop, connector_set, run, status
 
 S = IntentState
-#: a run that takes longer than this is stuck, not slow
-RUN_LIMIT = 20.0
-
-
-class CountingNoop(NoopConnector):
-    """The noop connector, counting its calls."""
-
-    def __init__(self) -> None:
-        self.calls: list[Call] = []
-
-    async def execute(self, call: Call) -> Result:
-        self.calls.append(call)
-        return await super().execute(call)
 
 
 class NotIdempotent(CountingNoop):
@@ -64,30 +52,6 @@ class ExplodingNotIdempotent(Exploding):
     idempotent_flag: ClassVar[bool] = False
 
 
-def connector_set(connector: NoopConnector) -> ConnectorSet:
-    connectors = ConnectorSet()
-    connectors._live["noop"] = connector
-    return connectors
-
-
-async def run(
-    store: Store,
-    settings: Settings,
-    clock: FakeClock,
-    connector: NoopConnector | None = None,
-    **kw: Any,
-) -> ExecutorStats:
-    executor = Executor(
-        store,
-        settings,
-        drain=True,
-        clock=clock,
-        connectors=connector_set(connector) if connector else None,
-        **kw,
-    )
-    return await asyncio.wait_for(executor.run(), RUN_LIMIT)
-
-
 async def run_until_settled(
     store: Store, settings: Settings, clock: FakeClock, connector: NoopConnector | None = None
 ) -> list[ExecutorStats]:
@@ -106,12 +70,6 @@ async def submit(coordinator: Coordinator, key: str = "k", **kw: Any) -> IntentS
     payload = kw.pop("payload", {})
     submitted = await coordinator.submit(SubmitRequest(kind="noop", key=key, payload=payload, **kw))
     return submitted.status
-
-
-async def status(store: Store, ref: str) -> IntentStatus:
-    found = await store.get_intent(ref)
-    assert found is not None
-    return found
 
 
 async def crash_mid_call(store: Store, clock: FakeClock, settings: Settings) -> None:

@@ -6,7 +6,14 @@ Every test here runs against each backend (see conftest.py): one contract, four 
 from __future__ import annotations
 
 import pytest
-from contract_support import (
+
+from farmhand.clock import FakeClock
+from farmhand.contracts import Lease, Outcome
+from farmhand.contracts.base import utc
+from farmhand.contracts.state import allowed
+from farmhand.errors import InvalidTransition, StoreError
+from farmhand.store import Change, IntentQuery, NewIntent, Store, open_store
+from store_support import (
     TTL,
     S,
     by_token,
@@ -17,13 +24,6 @@ from contract_support import (
     receipt_for,
     state_of,
 )
-
-from farmhand.clock import FakeClock
-from farmhand.contracts import Lease, Outcome
-from farmhand.contracts.base import utc
-from farmhand.contracts.state import allowed
-from farmhand.errors import InvalidTransition, StoreError
-from farmhand.store import Change, IntentQuery, NewIntent, Store, open_store
 
 # -- put-if-absent ------------------------------------------------------------------------
 

@@ -10,8 +10,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from test_executor import CountingNoop, connector_set, run, status
-
 from farmhand.clock import FakeClock
 from farmhand.config import AccountConfig, BreakerConfig, Limit, Settings
 from farmhand.connectors import Call, Failed, Result
@@ -21,6 +19,7 @@ from farmhand.coordinator import Coordinator, SubmitRequest
 from farmhand.executor import Executor, ExecutorStats
 from farmhand.keys import Keyring
 from farmhand.store import Store, open_store
+from store_support import CountingNoop, connector_set, run, status
 
 S = IntentState
 

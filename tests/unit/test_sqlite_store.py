@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from contract_support import claim_one, make_intent, put
 
 from farmhand.clock import FakeClock
 from farmhand.contracts import IntentState
 from farmhand.errors import StoreError
 from farmhand.store import Store, open_store
 from farmhand.store.sqlite import SQLiteStore
+from store_support import claim_one, make_intent, put
 
 S = IntentState
 

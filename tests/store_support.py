@@ -1,13 +1,18 @@
-"""Helpers shared by the store conformance tests: intents, claims, changes and receipts."""
+"""Helpers shared by the store tests: intents, claims, changes, receipts, executor runs."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from farmhand.canonical import payload_hash
 from farmhand.clock import FakeClock
-from farmhand.contracts import GateRule, Intent, IntentState, Outcome, Receipt
+from farmhand.config import Settings
+from farmhand.connectors import Call, ConnectorSet, Result
+from farmhand.connectors.noop import NoopConnector
+from farmhand.contracts import GateRule, Intent, IntentState, IntentStatus, Outcome, Receipt
 from farmhand.contracts.base import utc
+from farmhand.executor import Executor, ExecutorStats
 from farmhand.ids import new_id
 from farmhand.store import Change, Claim, NewIntent, Store
 
@@ -82,3 +87,48 @@ async def state_of(store: Store, ref: str) -> IntentState:
     status = await store.get_intent(ref)
     assert status is not None
     return status.state
+
+
+#: a run that takes longer than this is stuck, not slow
+RUN_LIMIT = 20.0
+
+
+class CountingNoop(NoopConnector):
+    """The noop connector, counting its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+
+    async def execute(self, call: Call) -> Result:
+        self.calls.append(call)
+        return await super().execute(call)
+
+
+def connector_set(connector: NoopConnector) -> ConnectorSet:
+    connectors = ConnectorSet()
+    connectors._live["noop"] = connector
+    return connectors
+
+
+async def run(
+    store: Store,
+    settings: Settings,
+    clock: FakeClock,
+    connector: NoopConnector | None = None,
+    **kw: Any,
+) -> ExecutorStats:
+    executor = Executor(
+        store,
+        settings,
+        drain=True,
+        clock=clock,
+        connectors=connector_set(connector) if connector else None,
+        **kw,
+    )
+    return await asyncio.wait_for(executor.run(), RUN_LIMIT)
+
+
+async def status(store: Store, ref: str) -> IntentStatus:
+    found = await store.get_intent(ref)
+    assert found is not None
+    return found
