@@ -291,7 +291,9 @@ class Executor:
             self.stats.calls += 1
             result: Result
             try:
-                result = await asyncio.wait_for(connector.execute(call), self.call_timeout)
+                # a timeout scope, not wait_for: the call runs in this task, not a new one
+                async with asyncio.timeout(self.call_timeout):
+                    result = await connector.execute(call)
             except TimeoutError:
                 result = self._interrupted(call, f"call exceeded {self.call_timeout:.1f}s")
             except Exception as exc:  # a connector bug must not take the executor down
@@ -325,9 +327,8 @@ class Executor:
                 attempt.executor,
             )
             try:
-                found = await asyncio.wait_for(
-                    connector.reconcile(call, attempt), self.call_timeout
-                )
+                async with asyncio.timeout(self.call_timeout):
+                    found = await connector.reconcile(call, attempt)
             except Exception as exc:
                 found = Uncertain(error=f"reconcile failed: {type(exc).__name__}: {exc}")
             await self._finish(outcomes.after_reconcile(claim, attempt, found, self._clock.now()))
@@ -346,7 +347,13 @@ class Executor:
     # -- writing outcomes -------------------------------------------------------------
 
     async def _finish(self, change: Change) -> bool:
-        (ok,) = await self._finish_many([change])
+        # one change per finished call: the same as _finish_many([change]) without a
+        # gather (a future and a callback fewer per intent)
+        if self._redactor:
+            change = outcomes.redacted(change, self._redactor)
+        future = self._queue(change)
+        ok = await future
+        self._settled(change, ok)
         return ok
 
     async def _finish_many(self, changes: Sequence[Change]) -> list[bool]:
@@ -356,20 +363,24 @@ class Executor:
         """
         if self._redactor:
             changes = [outcomes.redacted(change, self._redactor) for change in changes]
-        loop = asyncio.get_running_loop()
-        futures = []
-        for change in changes:
-            future: asyncio.Future[bool] = loop.create_future()
-            self._pending.append((change, future))
-            futures.append(future)
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
+        futures = [self._queue(change) for change in changes]
         results = list(await asyncio.gather(*futures))
         for change, ok in zip(changes, results, strict=True):
-            self._count(change, ok)
-            if change.token is not None and change.to_state is not IntentState.RUNNING:
-                self._release(change.intent_id, change.token)
+            self._settled(change, ok)
         return results
+
+    def _queue(self, change: Change) -> asyncio.Future[bool]:
+        """Add ``change`` to the next group commit; its future gets the store's verdict."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append((change, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return future
+
+    def _settled(self, change: Change, ok: bool) -> None:
+        self._count(change, ok)
+        if change.token is not None and change.to_state is not IntentState.RUNNING:
+            self._release(change.intent_id, change.token)
 
     async def _flush(self) -> None:
         delay = 0.05

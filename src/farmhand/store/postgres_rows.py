@@ -50,10 +50,12 @@ def gate_filter(closed: Sequence[GateRule]) -> tuple[str, dict[str, str]] | None
 def rounds(items: Sequence[T], key: Callable[[T], str]) -> list[list[tuple[int, T]]]:
     """``items`` with their positions, split into rounds in which no key repeats: one
     statement changes a row once, and a repeat must see the effect of the one before."""
+    names = [key(item) for item in items]
+    if len(set(names)) == len(names):  # the usual batch: every key once, one round
+        return [list(enumerate(items))] if items else []
     out: list[list[tuple[int, T]]] = []
     seen: list[set[str]] = []
-    for index, item in enumerate(items):
-        name = key(item)
+    for index, (item, name) in enumerate(zip(items, names, strict=True)):
         level = next((i for i, names in enumerate(seen) if name not in names), len(seen))
         if level == len(seen):
             out.append([])
