@@ -1,0 +1,184 @@
+"""Rate-limit buckets (GCRA) and circuit breakers on the Redis store.
+
+The decisions are :mod:`farmhand.store.limits_logic`, the same functions the SQL stores run
+inside their transactions. Here they run optimistically: read the rows a call names (and the
+store clock's time), decide, then write with ``swap.lua``, which applies the new rows and
+audit events only if none of the rows read has changed meanwhile -- all buckets of a take,
+or every breaker of a batch, at once or not at all. A lost race re-reads and decides again,
+as does a decision that waited too long (see ``_FRESH``).
+Calls that change nothing (tokens of unlimited buckets, closed breakers with healthy
+results, peeks) are one read and write nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from farmhand.config import BreakerConfig
+from farmhand.errors import StoreError
+from farmhand.store import limits_logic as logic
+from farmhand.store.base import BreakerResult, BreakerStatus, Bucket, Throttle
+from farmhand.store.redis_setup import Link
+
+#: lost races before giving up; each costs one read and one script call
+_MAX_TRIES = 64
+#: on the server's clock, a decision older than this (seconds) is made again, for the first
+#: few tries; then it is taken as it is, so that a starved process still makes progress
+_FRESH, _FRESH_TRIES = 0.05, 4
+
+
+def _bucket(raw: str) -> logic.BucketRow:
+    tat, paused_until, reason = json.loads(raw)
+    return float(tat), float(paused_until), reason
+
+
+def _breaker(raw: str) -> logic.BreakerRow:
+    state, failures, retry_at, probe, probe_until = json.loads(raw)
+    return state, int(failures), retry_at, probe, probe_until
+
+
+def _encode(row: tuple[Any, ...]) -> str:
+    return json.dumps(row, separators=(",", ":"))
+
+
+class RedisLimits:
+    """The buckets and breakers of one Redis store (see the module docstring)."""
+
+    def __init__(self, link: Link) -> None:
+        self._link = link
+        self._rng = random.Random()
+
+    async def _read(self, table: str, names: Sequence[str]) -> tuple[float, dict[str, str]]:
+        unique = list(dict.fromkeys(names))
+        now, values = await self._link.now_and(table, unique)
+        return now, {name: raw for name, raw in zip(unique, values, strict=True) if raw}
+
+    async def _swap(
+        self,
+        table: str,
+        names: Sequence[str],
+        seen: dict[str, str],
+        writes: dict[str, str],
+        now: float,
+        actor: str,
+        notes: Sequence[logic.AuditNote],
+        tries: int,
+    ) -> bool:
+        fresh = "" if self._link.clock is not None or tries >= _FRESH_TRIES else repr(_FRESH)
+        args: list[str | int] = [fresh, table, len(names)]
+        for name in names:
+            args += [name, seen.get(name, ""), writes.get(name, "")]
+        args += [actor, len(notes)]
+        for note in notes:
+            has_reason = 0 if note.reason is None else 1
+            args += [note.action, has_reason, note.reason or "", json.dumps(note.detail)]
+        return bool(await self._link.run("swap", args, now=repr(now)))
+
+    async def _backoff(self, tries: int) -> None:
+        if tries >= _MAX_TRIES:
+            raise StoreError(
+                f"Redis at {self._link.target.where}: gave up after {tries} conflicting"
+                " updates of the same rate-limit buckets or breakers; try again"
+            )
+        if tries > 2:
+            # many executors racing for one row: spread them out a little
+            await asyncio.sleep(self._rng.uniform(0, 0.001 * tries))
+
+    # -- buckets ----------------------------------------------------------------------
+
+    async def take(self, requests: Sequence[Sequence[Bucket]]) -> list[Throttle]:
+        """See :meth:`farmhand.store.base.Store.take`."""
+        items = [tuple(request) for request in requests]
+        names = list(dict.fromkeys(b.name for request in items for b in request))
+        if not names:
+            return [Throttle() for _ in items]
+        tries = 0
+        while True:
+            now, seen = await self._read("buckets", names)
+            rows = {name: _bucket(raw) for name, raw in seen.items()}
+            out, changed = logic.take(items, rows, now)
+            if not changed:
+                return out
+            writes = {name: _encode(rows[name]) for name in changed}
+            if await self._swap("buckets", names, seen, writes, now, "", (), tries):
+                return out
+            tries += 1
+            await self._backoff(tries)
+
+    async def peek(self, buckets: Sequence[Bucket]) -> Throttle:
+        """See :meth:`farmhand.store.base.Store.peek`."""
+        request = list(buckets)
+        if not request:
+            return Throttle()
+        now, seen = await self._read("buckets", [b.name for b in request])
+        return logic.judge(request, {n: _bucket(raw) for n, raw in seen.items()}, now)
+
+    async def pause(self, bucket: str, until: float, reason: str, actor: str) -> float:
+        """See :meth:`farmhand.store.base.Store.pause`."""
+        tries = 0
+        while True:
+            now, seen = await self._read("buckets", [bucket])
+            tat, current, _ = _bucket(seen[bucket]) if bucket in seen else logic.NO_BUCKET
+            end, note = logic.pause(current, bucket, until, reason, now)
+            if end == current:
+                return current
+            writes = {bucket: _encode((tat, end, reason))}
+            notes = [note] if note is not None else []
+            if await self._swap("buckets", [bucket], seen, writes, now, actor, notes, tries):
+                return end
+            tries += 1
+            await self._backoff(tries)
+
+    # -- breakers ---------------------------------------------------------------------
+
+    async def breaker_enter(
+        self, entries: Sequence[tuple[str, str]], actor: str, probe_ttl: float
+    ) -> list[BreakerStatus]:
+        """See :meth:`farmhand.store.base.Store.breaker_enter`."""
+        items = list(entries)
+        names = list(dict.fromkeys(key for key, _ in items))
+        if not names:
+            return []
+        tries = 0
+        while True:
+            now, seen = await self._read("breakers", names)
+            rows = {name: _breaker(raw) for name, raw in seen.items()}
+            out, saves, notes = logic.breaker_enter(items, rows, now, probe_ttl)
+            if not saves:
+                return out
+            writes = {name: _encode(row) for name, row in saves.items()}
+            if await self._swap("breakers", names, seen, writes, now, actor, notes, tries):
+                return out
+            tries += 1
+            await self._backoff(tries)
+
+    async def breaker_record(
+        self, results: Sequence[BreakerResult], config: BreakerConfig, actor: str
+    ) -> dict[str, BreakerStatus]:
+        """See :meth:`farmhand.store.base.Store.breaker_record`."""
+        items = list(results)
+        names = list(dict.fromkeys(r.key for r in items))
+        if not names:
+            return {}
+        tries = 0
+        while True:
+            now, seen = await self._read("breakers", names)
+            rows = {name: _breaker(raw) for name, raw in seen.items()}
+            out, saves, notes = logic.breaker_record(items, rows, now, config)
+            if not saves:
+                return out
+            writes = {name: _encode(row) for name, row in saves.items()}
+            if await self._swap("breakers", names, seen, writes, now, actor, notes, tries):
+                return out
+            tries += 1
+            await self._backoff(tries)
+
+    async def breaker_peek(self, key: str) -> BreakerStatus:
+        """See :meth:`farmhand.store.base.Store.breaker_peek`."""
+        now, seen = await self._read("breakers", [key])
+        row = _breaker(seen[key]) if key in seen else logic.CLOSED
+        return logic.breaker_status(row, now)
