@@ -17,7 +17,9 @@ from typing import Any
 
 import pytest
 
+from backends import fresh_postgres_url
 from farmhand import doctor
+from farmhand.testing.servers import LocalPostgres
 
 FARMHAND = str(Path(sys.executable).with_name("farmhand"))
 VALUE = "CANARY-feedfacecafebeef"
@@ -238,6 +240,20 @@ def test_an_unknown_store_scheme_fails(home: Path) -> None:
     assert code == 1
     assert checks["store"]["status"] == "fail"
     assert "unknown store URL scheme" in checks["store"]["detail"]
+
+
+def test_a_server_store_password_never_shows(
+    home: Path, postgres_server: LocalPostgres | str
+) -> None:
+    url = fresh_postgres_url(postgres_server)
+    # the throw-away server trusts loopback, so the password is accepted and unused
+    with_password = url.replace("://postgres@", "://postgres:Sup3r-s3cret@", 1)
+    assert with_password != url
+    done = run(home, "doctor", "--json", FARMHAND_STORE=with_password)
+    assert "Sup3r-s3cret" not in done.stdout + done.stderr
+    checks = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
+    assert checks["store"]["status"] == "ok", checks["store"]
+    assert "opens and reads" in checks["store"]["detail"]
 
 
 def test_doctor_does_not_write_to_the_store(home: Path) -> None:
