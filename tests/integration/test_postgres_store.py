@@ -174,6 +174,68 @@ async def test_own_commits_count_once_and_idle_claims_not_at_all(pg: PostgresSto
     assert await pg.change_counter() == after_claim
 
 
+async def test_leases_taken_started_or_renewed_elsewhere_wake_no_one(
+    pg: PostgresStore, db_url: str
+) -> None:
+    clock = FakeClock()
+    other = await open_store(db_url, clock)
+    try:
+        await put(other, make_intent(clock, "k"))
+        await asyncio.sleep(0.2)  # that submit's NOTIFY has come back by now
+        since = await pg.change_counter()
+        (claim,) = await other.claim("ex_b", 10, 30.0, [])
+        (attempt,) = await other.start_attempts([claim.lease])
+        assert attempt is not None
+        (lease,) = await other.renew([claim.lease], 30.0)
+        assert lease is not None
+        await pg.wait_for_change(since, 0.3)
+        assert await pg.change_counter() == since
+        # the outcome ends the lease: that wakes waiters (a draining executor among them)
+        waiter = asyncio.create_task(pg.wait_for_change(since, 10.0))
+        done = Change(claim.intent.id, IntentState.SUCCEEDED, "ex_b", "succeed", token=lease.token)
+        assert await other.apply([done]) == [True]
+        await asyncio.wait_for(waiter, 5.0)
+        assert await pg.change_counter() != since
+    finally:
+        await other.close()
+
+
+async def test_a_version_1_database_is_upgraded_in_place(
+    postgres_server: LocalPostgres | str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from farmhand.store import postgres_setup
+
+    url = fresh_postgres_url(postgres_server, empty=True)
+    first = postgres_setup.migrations()[:1]
+    clock = FakeClock()
+    with monkeypatch.context() as patch:
+        patch.setattr(postgres_setup, "migrations", lambda: first)
+        old = await open_store(url, clock)
+        try:
+            await put(old, make_intent(clock, "waiting"))
+            await put(old, make_intent(clock, "running"))
+            claims = await old.claim("ex_old", 1, 30.0, [])
+        finally:
+            await old.close()
+    store = await open_store(url, clock)
+    try:
+        async with await psycopg.AsyncConnection.connect(url) as conn:
+            cur = await conn.execute("SELECT version FROM farmhand_migrations ORDER BY version")
+            assert [v for (v,) in await cur.fetchall()] == list(range(1, latest_version() + 1))
+        (held,) = claims
+        (attempt,) = await store.start_attempts([held.lease])
+        assert attempt is not None
+        done = Change(
+            held.intent.id, IntentState.SUCCEEDED, "ex_old", "succeed", token=held.lease.token
+        )
+        assert await store.apply([done]) == [True]
+        (claim,) = await store.claim("ex_new", 10, 30.0, [])
+        assert claim.intent.key != held.intent.key
+        assert await store.counts() == {IntentState.SUCCEEDED: 1, IntentState.RUNNING: 1}
+    finally:
+        await store.close()
+
+
 async def test_listener_reconnects_after_losing_its_connection(
     pg: PostgresStore, db_url: str
 ) -> None:
