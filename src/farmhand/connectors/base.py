@@ -6,15 +6,17 @@ call is safe for an account, and reconciles an attempt whose outcome was lost.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from farmhand.config import AccountConfig
 from farmhand.contracts import Attempt, Intent
+from farmhand.errors import InvalidInput
 from farmhand.secrets import Secret
 
 if TYPE_CHECKING:
-    from pydantic import BaseModel
+    from pydantic import BaseModel, ValidationError
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +68,32 @@ class Absent:
 
 Result = Succeeded | Failed | Uncertain
 Reconciled = Succeeded | Absent | Uncertain
+
+
+M = TypeVar("M", bound="BaseModel")
+
+
+def first_error(exc: ValidationError) -> str:
+    """The first problem pydantic found, as ``field.path: message`` (one line)."""
+    first = exc.errors()[0]
+    message = str(first["msg"]).removeprefix("Value error, ")
+    where = ".".join(str(p) for p in first["loc"])
+    return f"{where}: {message}" if where else message
+
+
+def parse(model: type[M], data: Mapping[str, Any], what: str) -> M:
+    """``data`` validated as ``model``; else InvalidInput ``"<what>: <field>: <problem>"``."""
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate(dict(data))
+    except ValidationError as exc:
+        raise InvalidInput(f"{what}: {first_error(exc)}") from None
+
+
+def settings_where(account: AccountConfig, kind: str) -> str:
+    """Where an account's settings for ``kind`` live, for error messages."""
+    return f"[accounts.{account.name}.connector] for {kind}"
 
 
 class Connector:

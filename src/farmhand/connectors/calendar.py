@@ -33,6 +33,8 @@ from farmhand.connectors.base import (
     Reconciled,
     Result,
     Succeeded,
+    parse,
+    settings_where,
 )
 from farmhand.connectors.webhook import parse_retry_after
 from farmhand.contracts import Attempt
@@ -289,10 +291,7 @@ class CalendarConnector(Connector):
     # -- validation -------------------------------------------------------------------
 
     def validate(self, payload: dict[str, Any], key: str) -> None:
-        try:
-            CalendarPayload.model_validate(payload)
-        except ValidationError as exc:
-            raise InvalidInput(f"calendar.put payload: {_first_error(exc)}") from None
+        parse(CalendarPayload, payload, "calendar.put payload")
 
     def validate_for(self, payload: dict[str, Any], account: AccountConfig) -> None:
         """Check the account's ``[accounts.<name>.connector]`` settings."""
@@ -306,13 +305,8 @@ class CalendarConnector(Connector):
     @staticmethod
     def settings(account: AccountConfig) -> CalendarSettings:
         """The account's validated connector settings (raises InvalidInput)."""
-        try:
-            return CalendarSettings.model_validate(dict(account.connector))
-        except ValidationError as exc:
-            raise InvalidInput(
-                f"account {account.name!r}: [accounts.{account.name}.connector] for "
-                f"calendar.put: {_first_error(exc)}"
-            ) from None
+        where = settings_where(account, "calendar.put")
+        return parse(CalendarSettings, account.connector, f"account {account.name!r}: {where}")
 
     def idempotent(self, account: AccountConfig) -> bool:
         # If-None-Match: * and If-Match make every repeat harmless
@@ -507,13 +501,6 @@ def _succeeded(uid: str, url: str, etag: str | None, status: int, action: str) -
         url=url,
         detail={"etag": etag, "uid": uid, "status": status, "action": action},
     )
-
-
-def _first_error(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    message = str(first["msg"]).removeprefix("Value error, ")
-    where = ".".join(str(p) for p in first["loc"])
-    return f"{where}: {message}" if where else message
 
 
 __all__ = [

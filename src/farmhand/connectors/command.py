@@ -53,6 +53,9 @@ from farmhand.connectors.base import (
     Result,
     Succeeded,
     Uncertain,
+    first_error,
+    parse,
+    settings_where,
 )
 from farmhand.contracts import Attempt
 from farmhand.errors import InvalidInput
@@ -177,11 +180,7 @@ class CommandEntry(BaseModel):
             try:
                 patterns.append(ArgPattern.model_validate(item))
             except ValidationError as exc:
-                first = exc.errors()[0]
-                field = ".".join(str(p) for p in first["loc"])
-                message = str(first["msg"]).removeprefix("Value error, ")
-                where = f"{field}: " if field else ""
-                raise ValueError(f"argument {number}: {where}{message}") from None
+                raise ValueError(f"argument {number}: {first_error(exc)}") from None
         return patterns
 
     @field_validator("working_dir")
@@ -248,14 +247,8 @@ class CommandSettings(BaseModel):
     @classmethod
     def of(cls, account: AccountConfig) -> CommandSettings:
         """The account's settings, validated (raises InvalidInput naming the setting)."""
-        where = f"[accounts.{account.name}.connector] for command.run"
-        try:
-            settings = cls.model_validate(dict(account.connector))
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            field = ".".join(str(p) for p in first["loc"]) or "settings"
-            message = str(first["msg"]).removeprefix("Value error, ")
-            raise InvalidInput(f"{where}: {field}: {message}") from None
+        where = settings_where(account, "command.run")
+        settings = parse(cls, account.connector, where)
         names = [entry.name for entry in settings.commands]
         if len(set(names)) != len(names):
             raise InvalidInput(f"{where}: command names must be unique, got {names}")
@@ -297,13 +290,7 @@ class CommandPayload(BaseModel):
 
 
 def _payload(payload: dict[str, Any]) -> CommandPayload:
-    try:
-        return CommandPayload.model_validate(payload)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "payload"
-        message = str(first["msg"]).removeprefix("Value error, ")
-        raise InvalidInput(f"command.run payload: {where}: {message}") from None
+    return parse(CommandPayload, payload, "command.run payload")
 
 
 class _Tail:

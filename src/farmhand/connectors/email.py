@@ -48,6 +48,8 @@ from farmhand.connectors.base import (
     Result,
     Succeeded,
     Uncertain,
+    parse,
+    settings_where,
 )
 from farmhand.contracts import Attempt
 from farmhand.errors import InvalidInput
@@ -179,18 +181,13 @@ class EmailSettings(BaseModel):
     @classmethod
     def of(cls, account: AccountConfig) -> EmailSettings:
         """The account's settings, validated (raises InvalidInput naming the setting)."""
-        where = f"[accounts.{account.name}.connector] for email.send"
+        where = settings_where(account, "email.send")
         if not account.connector:
             raise InvalidInput(
                 f"account {account.name!r} has no {where}: set at least host (and username; "
                 "the password is the account's secret)"
             )
-        try:
-            settings = cls.model_validate(dict(account.connector))
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            field = ".".join(str(p) for p in first["loc"]) or "settings"
-            raise InvalidInput(f"{where}: {field}: {first['msg']}") from None
+        settings = parse(cls, account.connector, where)
         for security, host, user in settings._logins():
             if user and security == "plain" and not _loopback(host):
                 raise InvalidInput(
@@ -314,13 +311,7 @@ class EmailConnector(Connector):
 
     @staticmethod
     def _payload(payload: dict[str, Any]) -> EmailPayload:
-        try:
-            return EmailPayload.model_validate(payload)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "payload"
-            message = str(first["msg"]).removeprefix("Value error, ")
-            raise InvalidInput(f"email.send payload: {where}: {message}") from None
+        return parse(EmailPayload, payload, "email.send payload")
 
     def idempotent(self, account: AccountConfig) -> bool:
         return False

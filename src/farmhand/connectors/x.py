@@ -40,6 +40,8 @@ from farmhand.connectors.base import (
     Result,
     Succeeded,
     Uncertain,
+    parse,
+    settings_where,
 )
 from farmhand.connectors.webhook import parse_retry_after
 from farmhand.contracts import Attempt
@@ -244,10 +246,7 @@ class XConnector(Connector):
     # -- validation -------------------------------------------------------------------
 
     def validate(self, payload: dict[str, Any], key: str) -> None:
-        try:
-            XPayload.model_validate(payload)
-        except ValidationError as exc:
-            raise InvalidInput(f"x.post payload: {_first_error(exc)}") from None
+        parse(XPayload, payload, "x.post payload")
 
     def validate_for(self, payload: dict[str, Any], account: AccountConfig) -> None:
         """Check the account's ``[accounts.<name>.connector]`` settings and secret name."""
@@ -261,13 +260,8 @@ class XConnector(Connector):
     @staticmethod
     def settings(account: AccountConfig) -> XSettings:
         """The account's validated connector settings (raises InvalidInput)."""
-        try:
-            return XSettings.model_validate(dict(account.connector))
-        except ValidationError as exc:
-            raise InvalidInput(
-                f"account {account.name!r}: [accounts.{account.name}.connector] for x.post: "
-                f"{_first_error(exc)}"
-            ) from None
+        where = settings_where(account, "x.post")
+        return parse(XSettings, account.connector, f"account {account.name!r}: {where}")
 
     def idempotent(self, account: AccountConfig) -> bool:
         return False
@@ -542,13 +536,6 @@ def _redactor(call: Call, credentials: Credentials) -> Callable[[str], str]:
     else:
         values.append((name, credentials.token))
     return Redactor(values).text
-
-
-def _first_error(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    message = str(first["msg"]).removeprefix("Value error, ")
-    where = ".".join(str(p) for p in first["loc"])
-    return f"{where}: {message}" if where else message
 
 
 __all__ = [
