@@ -18,9 +18,11 @@ import socket
 import subprocess
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 _START_TIMEOUT = 60.0
 
@@ -70,7 +72,34 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes] | None, what: str) -
     raise ServerUnavailable(f"{what} did not listen on 127.0.0.1:{port} within {_START_TIMEOUT}s")
 
 
-class LocalPostgres:
+class _Server(ABC):
+    """Started on entering a ``with`` block, stopped (and its directory removed) on leaving."""
+
+    @abstractmethod
+    def start(self) -> Self:
+        """Start the server; returns ``self``."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Stop the server and remove its directory."""
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class LocalPostgres(_Server):
     """A PostgreSQL cluster in a temporary directory, on a free loopback port.
 
     ``durable=False`` (the default, for tests) turns off fsync: a test never survives a
@@ -96,7 +125,7 @@ class LocalPostgres:
             return ["runuser", "-u", "postgres", "--", *args]
         return list(args)
 
-    def start(self) -> LocalPostgres:
+    def start(self) -> Self:
         """Initialise the cluster and start the server; returns ``self``."""
         data = self._root / "data"
         if os.geteuid() == 0:
@@ -163,23 +192,8 @@ class LocalPostgres:
             )
         shutil.rmtree(self._root, ignore_errors=True)
 
-    def __enter__(self) -> LocalPostgres:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-
-class LocalRedis:
+class LocalRedis(_Server):
     """A redis-server in a temporary directory, on a free loopback port.
 
     ``appendonly=True`` runs it the way farmhand's docs ask for (AOF, fsync every second).
@@ -199,7 +213,7 @@ class LocalRedis:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> LocalRedis:
+    def start(self) -> Self:
         """Start the server; returns ``self``."""
         self._proc = subprocess.Popen(
             [
@@ -237,18 +251,3 @@ class LocalRedis:
                 self._proc.kill()
                 self._proc.wait()
         shutil.rmtree(self._root, ignore_errors=True)
-
-    def __enter__(self) -> LocalRedis:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
