@@ -33,7 +33,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from multiprocessing.synchronize import Event as EventType
-from pathlib import Path
 from typing import Any
 
 from bench_sqlite import (
@@ -43,6 +42,8 @@ from bench_sqlite import (
     fresh_dir,
     init_home,
     latency_result,
+    offered_submits,
+    preload,
     progress,
     start_executors,
     wait_until_listening,
@@ -73,36 +74,6 @@ class Options:
 
 
 # -- farmhand side ------------------------------------------------------------------------
-
-
-def coordinator_for(store: Any, home: Path) -> Any:
-    from farmhand.config import load
-    from farmhand.coordinator import Coordinator
-    from farmhand.keys import Keyring
-
-    settings = load(home=init_home(home))
-    return Coordinator(
-        store, policy=settings.policy, signer=Keyring(home / "keys").signer("coordinator")
-    )
-
-
-async def preload(url: str, home: Path, n: int, chunk: int = 1000) -> None:
-    from farmhand.coordinator import SubmitRequest, Submitted
-    from farmhand.store import open_store
-
-    store = await open_store(url)
-    try:
-        co = coordinator_for(store, home)
-        for start in range(0, n, chunk):
-            intents = [
-                co.build_intent(SubmitRequest(kind="noop", key=f"bench-{i}", payload={}))
-                for i in range(start, min(n, start + chunk))
-            ]
-            results = await co.submit_many(intents, actor="bench")
-            if not all(isinstance(r, Submitted) and r.created for r in results):
-                raise RuntimeError("pre-loading: some intents were not created")
-    finally:
-        await store.close()
 
 
 async def read_outcome(url: str, n: int) -> dict[str, Any]:
@@ -150,7 +121,7 @@ def farmhand_drain(url: str, opts: Options, name: str) -> Drain:
     n = opts.intents
     with fresh_dir(f"{name}-drain", opts) as workdir:
         progress(f"{name}: pre-loading {n:,} intents")
-        asyncio.run(preload(url, workdir / "home", n))
+        asyncio.run(preload(url, workdir / "home", n, 1000))
         progress(f"{name}: draining with {opts.executors} executors, batch {opts.concurrency}")
         t, cpu = time.perf_counter(), children_cpu()
         group = start_executors(workdir, url, opts, drain=True)  # type: ignore[arg-type]
@@ -174,30 +145,6 @@ def farmhand_drain(url: str, opts: Options, name: str) -> Drain:
         cpu_us_per_intent=cpu_s / n * 1e6,
         exactly_once=found["intents"] == found["succeeded"] == found["one_success_each"] == n,
     )
-
-
-async def offered_submits(url: str, home: Path, rate: float, total: int) -> Pacing:
-    from farmhand.coordinator import SubmitRequest
-    from farmhand.store import open_store
-
-    store = await open_store(url)
-    pacing = Pacing()
-    try:
-        co = coordinator_for(store, home)
-        start = time.perf_counter() + 0.05
-        for i in range(total):
-            due = start + i / rate
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            began = time.perf_counter()
-            pacing.max_lag_ms = max(pacing.max_lag_ms, (began - due) * 1000)
-            await co.submit(SubmitRequest(kind="noop", key=f"lat-{i}", payload={}), "bench")
-            pacing.call_ms.append((time.perf_counter() - began) * 1000)
-        pacing.achieved_rate = total / (time.perf_counter() - start)
-    finally:
-        await store.close()
-    return pacing
 
 
 async def wait_succeeded(url: str, want: int, timeout: float) -> int:

@@ -133,13 +133,13 @@ def init_home(home: Path) -> Path:
     return home
 
 
-def signed_coordinator(store: Store, url: str) -> Coordinator:
-    """A coordinator for the store at ``url``, signing with its home's key, as the CLI does."""
+def signed_coordinator(store: Store, home: Path) -> Coordinator:
+    """A coordinator on ``store``, signing with the key of ``home``, as the CLI does."""
     from farmhand.config import load
     from farmhand.coordinator import Coordinator
     from farmhand.keys import Keyring
 
-    home = init_home(Path(url.removeprefix("sqlite://")).parent / "home")
+    home = init_home(home)
     settings = load(home=home)
     signer = Keyring(home / "keys").signer("coordinator")
     return Coordinator(store, policy=settings.policy, signer=signer)
@@ -192,13 +192,14 @@ def tail(path: Path, lines: int = 15) -> str:
 # -- farmhand side ------------------------------------------------------------------------
 
 
-async def _preload(url: str, n: int, chunk: int) -> None:
+async def preload(url: str, home: Path, n: int, chunk: int) -> None:
+    """Submit ``n`` ``noop`` intents in chunks of ``chunk``, signed with ``home``'s key."""
     from farmhand.coordinator import SubmitRequest, Submitted
     from farmhand.store import open_store
 
     store = await open_store(url)
     try:
-        co = signed_coordinator(store, url)
+        co = signed_coordinator(store, home)
         for start in range(0, n, chunk):
             intents = [
                 co.build_intent(SubmitRequest(kind="noop", key=f"bench-{i}", payload={}))
@@ -320,7 +321,7 @@ def measure_throughput(opts: Options) -> ThroughputResult:
         url = f"sqlite://{db_path}"
         progress(f"throughput: pre-loading {n:,} intents (submit_many, {opts.chunk:,} a chunk)")
         t = time.perf_counter()
-        asyncio.run(_preload(url, n, opts.chunk))
+        asyncio.run(preload(url, workdir / "home", n, opts.chunk))
         preload_s = time.perf_counter() - t
         progress(
             f"throughput: pre-loaded in {preload_s:.1f}s; draining with {opts.executors} "
@@ -441,14 +442,15 @@ def latency_result(
     )
 
 
-async def _offered_submits(url: str, rate: float, total: int) -> Pacing:
+async def offered_submits(url: str, home: Path, rate: float, total: int) -> Pacing:
+    """Submit ``total`` intents one at a time at ``rate``/s on an absolute schedule."""
     from farmhand.coordinator import SubmitRequest
     from farmhand.store import open_store
 
     store = await open_store(url)
     pacing = Pacing()
     try:
-        co = signed_coordinator(store, url)
+        co = signed_coordinator(store, home)
         start = time.perf_counter() + 0.05
         for i in range(total):
             due = start + i / rate
@@ -495,7 +497,7 @@ def measure_latency(opts: Options) -> LatencyResult:
                 f"latency: executors up in {took:.2f}s; submitting {total:,} intents at "
                 f"{opts.rate:g}/s, one transaction each"
             )
-            pacing = asyncio.run(_offered_submits(url, opts.rate, total))
+            pacing = asyncio.run(offered_submits(url, workdir / "home", opts.rate, total))
             done = wait_for_count(
                 db_path,
                 "SELECT count(*) FROM receipts",
