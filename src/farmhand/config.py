@@ -85,6 +85,9 @@ class ExecutorConfig:
     lease_ttl: float = 30.0
     concurrency: int = 16
     grace: float = 10.0
+    #: longest a connector call may take; never more than half the lease TTL, so that a call
+    #: ends before its lease could lapse even if no renewal gets through
+    call_timeout: float = 10.0
     retry: RetryConfig = field(default_factory=RetryConfig)
 
 
@@ -140,6 +143,7 @@ def load(store: str | None = None, home: Path | None = None) -> Settings:
         lease_ttl=_number(ex, "lease_ttl", 30.0, where),
         concurrency=int(_number(ex, "concurrency", 16, where)),
         grace=_number(ex, "grace", 10.0, where),
+        call_timeout=_number(ex, "call_timeout", 10.0, where),
         retry=RetryConfig(
             base_delay=_number(retry, "base_delay", 1.0, where + ".retry"),
             max_delay=_number(retry, "max_delay", 300.0, where + ".retry"),

@@ -214,3 +214,25 @@ def test_no_policy_no_executor_and_no_key_no_submit(tmp_path: Path) -> None:
     ok(bare, "submit", "noop", "--key", "k", "--payload", "{}")
     ok(bare, "executor", "run", "--drain")
     assert as_json(bare, "status", "k")["state"] == "succeeded"
+
+
+@pytest.mark.parametrize(("call_timeout", "state"), [(0.5, "dead"), (5, "succeeded")])
+def test_executor_call_timeout_from_the_config(
+    tmp_path: Path, call_timeout: float, state: str
+) -> None:
+    prepare_home(tmp_path, f"[executor]\ncall_timeout = {call_timeout}\n")
+    payload = json.dumps({"delay_ms": 1500})
+    ok(tmp_path, "submit", "noop", "--key", "slow", "--payload", payload, "--max-attempts", "1")
+    ok(tmp_path, "executor", "run", "--drain")
+    intent = as_json(tmp_path, "status", "slow")
+    assert intent["state"] == state, intent
+    if state == "dead":
+        assert intent["receipts"][0]["error"] == f"call exceeded {call_timeout:.1f}s"
+
+
+def test_a_bad_call_timeout_is_one_line(tmp_path: Path) -> None:
+    prepare_home(tmp_path, "[executor]\ncall_timeout = -1\n")
+    done = run(tmp_path, "executor", "run", "--drain")
+    assert done.returncode == 2, done.stderr
+    assert "call_timeout must be a non-negative number" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -122,7 +122,12 @@ async def serve(
         store = await open_store(settings.store_url)
         try:
             executor = Executor(
-                store, settings, executor_id=executor_id, drain=drain, secrets=secrets
+                store,
+                settings,
+                executor_id=executor_id,
+                drain=drain,
+                secrets=secrets,
+                call_timeout=settings.executor.call_timeout,
             )
         except BaseException:
             await store.close()

@@ -22,6 +22,8 @@ STARTER_CONFIG = """\
 lease_ttl = 30        # seconds an executor holds an intent before another may take over
 concurrency = 16      # calls in flight at once per executor
 grace = 10            # seconds to finish in-flight calls on SIGTERM/SIGINT
+call_timeout = 10     # longest connector call; capped at half of lease_ttl (raise both for
+                      # long deployments)
 
 [executor.retry]
 base_delay = 1.0      # first retry waits 0.5-1 s, then doubles (with jitter)...
