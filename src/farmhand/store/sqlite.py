@@ -465,7 +465,7 @@ class SQLiteStore:
 
     def _start_attempts(self, leases: list[Lease]) -> list[Attempt | None]:
         now = self._clock.now()
-        started: list[Attempt | None] = []
+        numbers: list[int | None] = []
         with self._tx() as db:
             for lease in leases:
                 row = db.execute(
@@ -475,23 +475,28 @@ class SQLiteStore:
                     (now, lease.intent_id, lease.token, now),
                 ).fetchone()
                 if row is None:
-                    started.append(None)
+                    numbers.append(None)
                     continue
                 db.execute(
                     "INSERT INTO attempts (intent_id, attempt, executor, fencing_token, started_at)"
                     " VALUES (?, ?, ?, ?, ?)",
                     (lease.intent_id, row[0], lease.owner, lease.token, now),
                 )
-                started.append(
-                    Attempt(
-                        intent_id=lease.intent_id,
-                        attempt=row[0],
-                        executor=lease.owner,
-                        fencing_token=lease.token,
-                        started_at=utc(now),
-                    )
-                )
-        return started
+                numbers.append(row[0])
+        # the records are built after the commit: the write lock is held for SQL only
+        started_at = utc(now)
+        return [
+            None
+            if number is None
+            else Attempt(
+                intent_id=lease.intent_id,
+                attempt=number,
+                executor=lease.owner,
+                fencing_token=lease.token,
+                started_at=started_at,
+            )
+            for lease, number in zip(leases, numbers, strict=True)
+        ]
 
     async def renew(self, leases: Sequence[Lease], ttl: float) -> list[Lease | None]:
         def run() -> list[Lease | None]:
@@ -515,11 +520,19 @@ class SQLiteStore:
 
     def _apply(self, changes: list[Change]) -> list[bool]:
         now = self._clock.now()
+        # receipts are serialised before the write lock is taken, not while it is held
+        bodies = [c.receipt.model_dump_json() if c.receipt is not None else None for c in changes]
         with self._tx() as db:
-            return [self._apply_one(db, change, now) for change in changes]
+            return [
+                self._apply_one(db, change, now, body)
+                for change, body in zip(changes, bodies, strict=True)
+            ]
 
-    def _apply_one(self, db: sqlite3.Connection, change: Change, now: float) -> bool:
-        """Apply one change inside the caller's transaction if its precondition holds."""
+    def _apply_one(
+        self, db: sqlite3.Connection, change: Change, now: float, body: str | None = None
+    ) -> bool:
+        """Apply one change inside the caller's transaction if its precondition holds;
+        ``body``: its receipt's JSON, when already serialised."""
         row = db.execute(
             "SELECT state, lease_token FROM intents WHERE id = ?", (change.intent_id,)
         ).fetchone()
@@ -561,7 +574,7 @@ class SQLiteStore:
                     receipt.attempt,
                     receipt.outcome.value,
                     receipt.finished_at.timestamp(),
-                    receipt.model_dump_json(),
+                    body if body is not None else receipt.model_dump_json(),
                 ),
             )
         self._audit_rows(
