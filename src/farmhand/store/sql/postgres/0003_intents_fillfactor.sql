@@ -1,0 +1,12 @@
+-- farmhand PostgreSQL schema, version 3: half of each intents page is kept free.
+--
+-- Each intent's row gets three new versions (claim, attempt started, outcome). With 20 %
+-- free room (version 1) a page of ~750-byte rows is full before the second of them, so the
+-- "attempt started" update, which changes no indexed column, still had to move the row to
+-- another page and add an entry to each of the table's three unique indexes. With half
+-- the page free every such update is HOT (same page, no index entries), and the claim and
+-- outcome versions stay on their page too; pruning frees the dead versions in place.
+-- Measured on 10,000 intents drained by one executor: HOT updates 5,395 -> 10,000 of
+-- 30,000, server time of the three statements 172 -> 145 us per intent, WAL -27 %.
+-- (Only pages filled from now on keep the room; existing ones are left as they are.)
+ALTER TABLE intents SET (fillfactor = 50);
