@@ -180,9 +180,11 @@ async def test_leases_taken_started_or_renewed_elsewhere_wake_no_one(
     clock = FakeClock()
     other = await open_store(db_url, clock)
     try:
+        before = await pg.change_counter()
         await put(other, make_intent(clock, "k"))
-        await asyncio.sleep(0.2)  # that submit's NOTIFY has come back by now
+        await pg.wait_for_change(before, 5.0)  # that submit's NOTIFY has arrived
         since = await pg.change_counter()
+        assert since != before
         (claim,) = await other.claim("ex_b", 10, 30.0, [])
         (attempt,) = await other.start_attempts([claim.lease])
         assert attempt is not None
