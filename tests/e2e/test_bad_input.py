@@ -92,8 +92,8 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Seeded:
             id="key-256-chars",
         ),
         pytest.param(
-            ["submit", "email.send", "--key", "k-1", "--payload", "{}"],
-            ["unknown kind", "email.send"],
+            ["submit", "sms.send", "--key", "k-1", "--payload", "{}"],
+            ["unknown kind", "sms.send"],
             id="unknown-kind",
         ),
         pytest.param(
