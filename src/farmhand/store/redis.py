@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -56,6 +57,12 @@ _LIST_PAGE = 1000
 _MIN_VERSION = (7, 0)
 #: the key layout this farmhand reads and writes, kept in ``{ns}:layout``
 LAYOUT = 1
+#: gates() answers from its copy while the gate version, read with the change counter, is
+#: at most this old (seconds) and unchanged: the kill switch reaches a busy executor within
+#: this long plus one loop, far inside the second it must
+_GATES_FRESH = 0.25
+#: a wake-up this recent (seconds) answers the next change_counter() without a read
+_WAKE_FRESH = 0.05
 
 
 def _rules(closed: Sequence[GateRule]) -> list[str | int]:
@@ -118,6 +125,12 @@ class RedisStore:
         #: blocking reads whose waiter was cancelled: left to finish on their own (within
         #: a second) so their connections return to the pool instead of being dropped
         self._reads: set[asyncio.Task[None]] = set()
+        #: the gate rules as last read, the gate version they were read at, and when
+        self._gates: tuple[int, list[GateRule], float] | None = None
+        #: the gate version read with the change counter, and when (monotonic)
+        self._gate_version: tuple[int, float] | None = None
+        #: what the last wake-up read: the counter, the gate version, when (monotonic)
+        self._woke: tuple[int, int, float] | None = None
 
     @classmethod
     async def open(cls, url: str, clock: Clock | None) -> RedisStore:
@@ -345,6 +358,7 @@ class RedisStore:
     # -- gates, reads -------------------------------------------------------------------
 
     async def set_gate(self, rule: GateRule) -> None:
+        self._gates = None
         await self._link.run(
             "gate",
             [
@@ -360,11 +374,29 @@ class RedisStore:
         )
 
     async def gates(self) -> list[GateRule]:
-        key = self._link.key("gates")
-        found = cast(dict[str, str], await self._link.do(lambda c: c.hgetall(key)))
+        seen, cached, now = self._gate_version, self._gates, time.monotonic()
+        if (
+            seen is not None
+            and cached is not None
+            and cached[0] == seen[0]
+            and now - seen[1] <= _GATES_FRESH
+            and now - cached[2] <= 4 * _GATES_FRESH
+        ):
+            return list(cached[1])
+        keys = (self._link.key("gatesv"), self._link.key("gates"))
+
+        async def read(client: Redis) -> list[Any]:
+            pipe = client.pipeline(transaction=True)
+            pipe.get(keys[0])
+            pipe.hgetall(keys[1])
+            return list(await pipe.execute())
+
+        raw_version, found = await self._link.do(read)
         # ordered like the SQL stores: by kind, then account, '' (every) first
         order = sorted(found, key=lambda scope: tuple(scope.split("/", 1)))
-        return [GateRule.model_validate_json(found[scope]) for scope in order]
+        rules = [GateRule.model_validate_json(found[scope]) for scope in order]
+        self._gates = (int(raw_version or 0), rules, now)
+        return list(rules)
 
     async def receipts(self, intent_id: str | None = None, limit: int = 100) -> list[Receipt]:
         reply = await self._link.run("history", ["receipts", intent_id or "", limit])
@@ -411,8 +443,19 @@ class RedisStore:
     # -- change notification ----------------------------------------------------------
 
     async def change_counter(self) -> int:
-        key = self._link.key("changes")
-        return int(await self._link.do(lambda c: c.get(key)) or 0)
+        # right after a wake-up, its wake entry already told the counter and the gate
+        # version: no read. A counter that has moved on since only makes the next wait
+        # return at once; it never hides a change.
+        woke, self._woke = self._woke, None
+        if woke is not None and time.monotonic() - woke[2] <= _WAKE_FRESH:
+            self._gate_version = (woke[1], woke[2])
+            return woke[0]
+        # else the gate version comes along in the same round trip, so that the gates()
+        # an executor reads right after is answered from its copy when no gate has changed
+        keys = (self._link.key("changes"), self._link.key("gatesv"))
+        changes, version = await self._link.do(lambda c: c.mget(keys))
+        self._gate_version = (int(version or 0), time.monotonic())
+        return int(changes or 0)
 
     async def wait_for_change(self, since: int, timeout: float) -> None:
         self._link.check_open()
@@ -439,12 +482,22 @@ class RedisStore:
         block = 0
 
         async def read(client: Redis) -> bool:
-            return bool(await client.xread(streams, count=1, block=block))
+            reply = await client.xread(streams, count=1, block=block)
+            if not reply:
+                return False
+            self._note_wake(reply)
+            return True
 
         while (left := deadline - loop.time()) > 0:
             block = max(1, round(min(left, self._link.max_block) * 1000))
             if await self._link.do(read):
                 return
+
+    def _note_wake(self, reply: Any) -> None:
+        # [[stream, [(entry id "0-<counter>", {"n": counter, "g": gate version})]]]
+        entry_id, fields = reply[0][1][-1]
+        if "g" in fields:
+            self._woke = (int(entry_id.partition("-")[2]), int(fields["g"]), time.monotonic())
 
     async def close(self) -> None:
         reads = list(self._reads)

@@ -79,6 +79,7 @@ for k, c in ipairs(changes) do
     end
     r[4] = false
     if WAITING[to] then
+      changed = true
       r[4] = enqueue(id, sc, ready, now)
       if r[4] then
         set[#set + 1] = 'entry'
@@ -109,6 +110,10 @@ end
 flush()
 for sc in pairs(acked) do
   trim(sc)
+  -- the last lease of a scope ended: a draining executor may be waiting for that
+  if redis.call('ZCARD', P .. 'l:' .. sc) == 0 then
+    changed = true
+  end
 end
 
 if ARGV[4] then
@@ -119,6 +124,7 @@ if ARGV[4] then
   redis.call('RPUSH', P .. 'ap:' .. iid, ARGV[5])
   local reason = ARGV[9] == '1' and ARGV[10] or nil
   local seq = audit(ARGV[6], ARGV[7], ARGV[8], iid, nil, nil, reason, ARGV[11])
+  changed = true
   local key = record(iid)
   if redis.call('EXISTS', key) == 1 then
     redis.call('HSET', key, 'audit', with_seq(redis.call('HGET', key, 'audit'), seq))

@@ -10,8 +10,14 @@ local P = ARGV[1]
 local GROUP = 'farmhand'
 local WAITING = { pending = true, retry_wait = true }
 
+-- A script formats the same time (its `now`) for every intent it touches: remember the
+-- last one, string.format costs more than the command it goes into.
+local fmt_last, fmt_text = nil, nil
 local function fmt(x)
-  return string.format('%.17g', x)
+  if x ~= fmt_last then
+    fmt_last, fmt_text = x, string.format('%.17g', x)
+  end
+  return fmt_text
 end
 
 local function clock()
@@ -30,12 +36,19 @@ end
 
 local changed = false
 
--- Every write script ends here: when it changed anything, bump the counter and leave its
--- value as the one entry of the wake stream that wait_for_change blocks on (XREAD).
+-- Every write script ends here: when it did something a waiting executor may act on
+-- (`changed`), bump the counter and leave its value n as the one entry 0-n of the wake
+-- stream that wait_for_change blocks on (XREAD), with the gate version (see gate.lua) so
+-- that a woken executor learns both without another read. What wakes: new intents, an
+-- intent left pending or retry_wait, a scope's last lease ending (a draining executor
+-- waits for that), gates, rate-limit and breaker rows. Taking, starting and renewing
+-- leases and finishing one of several make nothing claimable, so they wake no one:
+-- otherwise every idle executor would wake and claim in vain for each step of its peers.
 local function done()
   if changed then
     local n = redis.call('INCR', P .. 'changes')
-    redis.call('XADD', P .. 'wake', 'MAXLEN', '1', '0-' .. n, 'n', n)
+    local g = redis.call('GET', P .. 'gatesv') or '0'
+    redis.call('XADD', P .. 'wake', 'MAXLEN', '1', '0-' .. n, 'n', n, 'g', g)
   end
 end
 
@@ -115,7 +128,6 @@ local function audit(at, actor, action, iid, from, to, reason, detail)
     args[#args + 1] = 'detail'
     args[#args + 1] = detail
   end
-  changed = true
   return string.sub(redis.call(unpack(args)), 3)
 end
 

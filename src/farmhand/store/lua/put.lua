@@ -32,6 +32,7 @@ for _, m in ipairs(cjson.decode(ARGV[3])) do
     end
     redis.call(unpack(fields))
     index(id, seq, nil, state)
+    changed = true
     out[#out + 1] = id
     out[#out + 1] = 1
   end

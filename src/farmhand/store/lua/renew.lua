@@ -4,7 +4,7 @@
 -- idle time: XAUTOCLAIM's real-time idle then measures time since the holder's last sign
 -- of life. As in start.lua, the owner must match as well as the token.
 -- ARGV[3] ttl, [4] JSON list of [id, token, owner]. Returns the expiry, then '1' or '0'
--- per lease, separated by spaces.
+-- per lease, separated by spaces. Wakes no one (see done() in the prelude).
 
 local now = clock()
 local expires = now + tonumber(ARGV[3])
@@ -19,11 +19,9 @@ for _, lease in ipairs(cjson.decode(ARGV[4])) do
     if f[4] then
       redis.call('XCLAIM', P .. 'q:' .. f[3], GROUP, f[5], 0, f[4], 'JUSTID')
     end
-    changed = true
     out[#out + 1] = 1
   else
     out[#out + 1] = 0
   end
 end
-done()
 return table.concat(out, ' ')

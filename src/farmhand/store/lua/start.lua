@@ -4,7 +4,7 @@
 -- too: a failover that lost a claim can hand the same token number out again, and then only
 -- the owner tells the lost lease from the new one.
 -- ARGV[3]: JSON list of [id, token, owner]. Returns, separated by spaces, now and per lease
--- the attempt number, 0 where the lease was lost.
+-- the attempt number, 0 where the lease was lost. Wakes no one (see done() in the prelude).
 
 local now = clock()
 local stamp = fmt(now)
@@ -17,11 +17,9 @@ for _, lease in ipairs(cjson.decode(ARGV[3])) do
     local n = tonumber(f[4]) + 1
     redis.call('HSET', key, 'attempts', n, 'a:' .. n,
       cjson.encode({ owner, tonumber(token), stamp }), 'updated', stamp)
-    changed = true
     out[#out + 1] = n
   else
     out[#out + 1] = 0
   end
 end
-done()
 return table.concat(out, ' ')
