@@ -63,6 +63,8 @@ LAYOUT = 1
 _GATES_FRESH = 0.25
 #: a wake-up this recent (seconds) answers the next change_counter() without a read
 _WAKE_FRESH = 0.05
+#: an empty claim this recent (seconds) answers the next readiness() with the same rules
+_READY_FRESH = 0.05
 
 
 def _rules(closed: Sequence[GateRule]) -> list[str | int]:
@@ -94,6 +96,12 @@ def _status(fields: Sequence[Any]) -> IntentStatus:
         receipts=[Receipt.model_validate_json(r) for r in receipts],
     )
     return IntentStatus.model_validate(data)
+
+
+def _readiness(reply: Sequence[Any]) -> Readiness:
+    running, best = reply
+    best = _opt(best)
+    return Readiness(running=int(running), next_ready_at=float(best) if best else None)
 
 
 def _change(change: Change) -> list[str | int | None]:
@@ -240,8 +248,12 @@ class RedisStore:
         # renewed the entry; the record's lease expiry still decides (claim.lua)
         min_idle = max(1, round(ttl * 1000))
         args = [owner, limit, repr(float(ttl)), self._rng.randrange(1 << 30), min_idle]
-        reply = await self._link.run("claim", [*args, *_rules(closed)])
-        if not reply:
+        rules = _rules(closed)
+        reply = await self._link.run("claim", [*args, *rules])
+        if not isinstance(reply, str):
+            # nothing claimed: the script answered readiness() for the same rules, which an
+            # idle executor asks for next (see readiness)
+            self._link.ready = (tuple(rules), _readiness(reply), time.monotonic())
             return []
         expires_at, *lines = reply.split("\x1e")
         expires = utc(float(expires_at))
@@ -424,9 +436,19 @@ class RedisStore:
         return events
 
     async def readiness(self, closed: Sequence[GateRule] = ()) -> Readiness:
-        running, best = await self._link.run("readiness", _rules(closed))
-        best = _opt(best)
-        return Readiness(running=int(running), next_ready_at=float(best) if best else None)
+        rules = _rules(closed)
+        # straight after an empty claim with the same rules, its answer (once): whatever
+        # has since made something claimable (or ended a scope's last lease) moved the
+        # change counter, so an executor waiting on the counter it read before that claim
+        # still wakes for it
+        kept, self._link.ready = self._link.ready, None
+        if (
+            kept is not None
+            and kept[0] == tuple(rules)
+            and time.monotonic() - kept[2] <= _READY_FRESH
+        ):
+            return kept[1]
+        return _readiness(await self._link.run("readiness", rules))
 
     async def counts(self) -> dict[IntentState, int]:
         states = list(IntentState)

@@ -26,6 +26,7 @@ from redis.exceptions import (
 from farmhand.clock import Clock
 from farmhand.contracts.state import TRANSITIONS
 from farmhand.errors import FarmhandError, InvalidInput, InvalidTransition, StoreError
+from farmhand.store.base import Readiness
 
 T = TypeVar("T")
 
@@ -202,6 +203,9 @@ class Link:
             name: self.client.register_script(script_source(name)) for name in SCRIPTS
         }
         self.closed = False
+        #: readiness as an empty claim found it: (rules, answer, when); any other script
+        #: this link runs drops it (see RedisStore.readiness)
+        self.ready: tuple[tuple[Any, ...], Readiness, float] | None = None
         timeout = self.client.connection_pool.connection_kwargs.get("socket_timeout")
         #: longest XREAD BLOCK that still answers within the socket timeout
         self.max_block = 1.0 if timeout is None else min(1.0, float(timeout) / 2)
@@ -241,6 +245,7 @@ class Link:
         """Run script ``name`` with ``args`` after the prefix and the time (``now``, else
         the store clock's)."""
         self.check_open()
+        self.ready = None
         script = self._scripts[name]
         argv = [self.prefix, self.now_arg() if now is None else now, *args]
         keys = [self.key("changes")]

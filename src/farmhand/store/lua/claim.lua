@@ -7,15 +7,19 @@
 --      entry no record stands behind acknowledged;
 --   3. due intents: moved from the waiting set to the ready stream, read with XREADGROUP.
 -- ARGV[3] owner, [4] limit, [5] ttl (seconds), [6] rotation, [7] sweep min-idle (ms),
--- [8..] closed gate rules. Returns '' or, separated by \30, the lease expiry and per claim
--- id, token, attempts, max_attempts, previous state, open attempt (JSON, or '') and body,
--- separated by \31.
+-- [8..] closed gate rules. Returns, separated by \30, the lease expiry and per claim id,
+-- token, attempts, max_attempts, previous state, open attempt (JSON, or '') and body,
+-- separated by \31; or, when it claimed nothing, {running, time or false}: the readiness
+-- of the same scopes (see readiness.lua), which an idle executor asks for next.
 
 local owner, limit, ttl = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local rotation, min_idle = tonumber(ARGV[6]), ARGV[7]
 local scopes = open_scopes(read_rules(8))
-if not scopes or #scopes == 0 or limit <= 0 then
-  return ''
+if not scopes then
+  return { 0, false }
+end
+if #scopes == 0 or limit <= 0 then
+  return readiness_of(scopes)
 end
 local now = clock()
 local expires = now + ttl
@@ -192,6 +196,6 @@ end
 flush()
 -- a claim only leaves intents running: it wakes no one (see done() in the prelude)
 if #out == 1 then
-  return ''
+  return readiness_of(scopes)
 end
 return table.concat(out, '\30')

@@ -294,3 +294,26 @@ local function status_of(id)
   end
   return { id, f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], receipts }
 end
+
+-- Running intents and the earliest time something becomes claimable (a waiting intent's
+-- ready time, a ready stream's oldest undelivered entry, a lease's expiry) over `scopes`:
+-- {running, time or false}.
+local function readiness_of(scopes)
+  local running, best = 0, nil
+  local function consider(t)
+    t = tonumber(t)
+    if t and (best == nil or t < best) then
+      best = t
+    end
+  end
+  for _, sc in ipairs(scopes) do
+    local leases = P .. 'l:' .. sc
+    running = running + redis.call('ZCARD', leases)
+    consider(redis.call('ZRANGE', leases, 0, 0, 'WITHSCORES')[2])
+    consider(redis.call('ZRANGE', P .. 'w:' .. sc, 0, 0, 'WITHSCORES')[2])
+    local stream = P .. 'q:' .. sc
+    local first = redis.call('XRANGE', stream, '(' .. last_delivered(stream), '+', 'COUNT', 1)[1]
+    consider(first and first[2][4])
+  end
+  return { running, best and fmt(best) or false }
+end
