@@ -1,5 +1,6 @@
--- Shared by every farmhand script: redis_setup.py puts it (and ALLOWED, the legal
--- transitions, generated from farmhand.contracts.state) in front of each script body.
+-- Shared by every farmhand script: redis_setup.py puts it (and, for scripts that use it,
+-- ALLOWED, the legal transitions, generated from farmhand.contracts.state) in front of each
+-- script body.
 --
 -- ARGV[1] is the key prefix, "{namespace}:"; ARGV[2] the store clock's time in epoch seconds,
 -- or '' to use this server's TIME so that every executor shares one timeline.
