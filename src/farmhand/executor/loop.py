@@ -234,18 +234,19 @@ class Executor:
         # rate limit, then breaker: what must wait goes back to pending, no attempt spent
         to_start, held = await self._limits.admit(to_start)
         refusals += held
+        # starts first: a token just taken is spent as soon as possible, so the calls keep
+        # the spacing the rate limit gave them; what was refused can wait a round trip
+        if to_start:
+            started = await self.store.start_attempts([c.lease for c in to_start])
+            for claim, attempt in zip(to_start, started, strict=True):
+                if attempt is None:
+                    log.warning("lease on %s lost before its attempt started", claim.intent.id)
+                    self._release(claim.intent.id, claim.lease.token)
+                    continue
+                self._held[claim.intent.id].started = True
+                self._spawn(self._call(claim, attempt))
         if refusals:
             await self._finish_many(refusals)
-        if not to_start:
-            return
-        started = await self.store.start_attempts([c.lease for c in to_start])
-        for claim, attempt in zip(to_start, started, strict=True):
-            if attempt is None:
-                log.warning("lease on %s lost before its attempt started", claim.intent.id)
-                self._release(claim.intent.id, claim.lease.token)
-                continue
-            self._held[claim.intent.id].started = True
-            self._spawn(self._call(claim, attempt))
 
     def _invalid(self, claim: Claim) -> str | None:
         """Why this executor cannot run the intent at all, or None."""
