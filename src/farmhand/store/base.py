@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from farmhand.config import BreakerConfig, Limit
 from farmhand.contracts import (
@@ -23,6 +23,7 @@ from farmhand.contracts import (
     Lease,
     Receipt,
 )
+from farmhand.contracts.base import utc
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +141,38 @@ class BreakerResult:
     #: the target answered normally (succeeded, or refused the request itself: 4xx)
     ok: bool
     error: str | None = None
+
+
+def intent_status(
+    intent: dict[str, Any],
+    *,
+    state: str,
+    attempts: int,
+    max_attempts: int,
+    reason: str | None,
+    updated_at: float,
+    ready_at: float | None,
+    lease_owner: str | None,
+    lease_token: int,
+    receipts: Sequence[Receipt],
+) -> IntentStatus:
+    """An intent as every store reports it: the stored contract (``intent``, as decoded from
+    its JSON) with its live state; ``ready_at`` shows only while it waits to be claimed."""
+    waiting = state in (IntentState.PENDING.value, IntentState.RETRY_WAIT.value)
+    return IntentStatus.model_validate(
+        {
+            **intent,
+            "state": state,
+            "attempts": attempts,
+            "max_attempts": max_attempts,
+            "reason": reason,
+            "updated_at": utc(updated_at),
+            "next_attempt_at": utc(ready_at) if waiting and ready_at is not None else None,
+            "lease_owner": lease_owner,
+            "lease_token": lease_token,
+            "receipts": list(receipts),
+        }
+    )
 
 
 @runtime_checkable

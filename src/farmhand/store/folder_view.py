@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 
 from farmhand.contracts import AuditEvent, GateRule, Intent, IntentState, IntentStatus, Receipt
 from farmhand.contracts.base import utc
-from farmhand.contracts.state import ACTIVE, CLAIMABLE
+from farmhand.contracts.state import ACTIVE
 from farmhand.gates import blocking
+from farmhand.store.base import intent_status
 from farmhand.store.folder_records import (
     Approved,
     BreakerSet,
@@ -203,19 +204,18 @@ class View:
         """The contract view of a visible intent."""
         self.settle()
         state = self._folds[iid].state
-        data = self._roots[iid].intent.model_dump()
-        data.update(
+        return intent_status(
+            self._roots[iid].intent.model_dump(),
             state=state.state,
             attempts=state.attempts,
             max_attempts=state.max_attempts,
             reason=state.reason,
-            updated_at=utc(state.updated_at),
-            next_attempt_at=utc(state.ready_at) if state.state in CLAIMABLE else None,
+            updated_at=state.updated_at,
+            ready_at=state.ready_at,
             lease_owner=state.owner,
             lease_token=state.token,
-            receipts=list(state.receipts),
+            receipts=state.receipts,
         )
-        return IntentStatus.model_validate(data)
 
     def newest_first(self) -> Iterator[str]:
         """Visible intents, last submitted first."""

@@ -18,7 +18,7 @@ from farmhand.contracts import (
     Receipt,
 )
 from farmhand.contracts.base import utc
-from farmhand.store.base import Change, Claim, NewIntent
+from farmhand.store.base import Change, Claim, NewIntent, intent_status
 
 T = TypeVar("T")
 
@@ -116,20 +116,18 @@ def change_record(change: Change, ord_: int) -> dict[str, Any]:
 def status(row: Sequence[Any]) -> IntentStatus:
     """An intent as ``STATUSES`` returns it (without the trailing key)."""
     (body, state, attempts, max_attempts, reason, updated, ready, owner, token, receipts) = row
-    data = json.loads(body)
-    waiting = state in ("pending", "retry_wait")
-    data.update(
+    return intent_status(
+        json.loads(body),
         state=state,
         attempts=attempts,
         max_attempts=max_attempts,
         reason=reason,
-        updated_at=utc(updated),
-        next_attempt_at=utc(ready) if waiting else None,
+        updated_at=updated,
+        ready_at=ready,
         lease_owner=owner,
         lease_token=token,
         receipts=[Receipt.model_validate_json(r) for r in receipts],
     )
-    return IntentStatus.model_validate(data)
 
 
 def claim(row: Sequence[Any], owner: str) -> Claim:

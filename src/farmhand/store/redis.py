@@ -46,6 +46,7 @@ from farmhand.store.base import (
     NewIntent,
     Readiness,
     Throttle,
+    intent_status,
 )
 from farmhand.store.redis_limits import RedisLimits
 from farmhand.store.redis_setup import Link, parse
@@ -83,19 +84,18 @@ def _status(fields: Sequence[Any]) -> IntentStatus:
     (_, body, state, attempts, max_attempts, reason, updated, ready, owner, token, receipts) = (
         fields
     )
-    data = json.loads(body)
-    data.update(
+    return intent_status(
+        json.loads(body),
         state=state,
         attempts=int(attempts),
         max_attempts=int(max_attempts),
         reason=_opt(reason),
-        updated_at=utc(float(updated)),
-        next_attempt_at=utc(float(ready)) if state in _WAITING else None,
+        updated_at=float(updated),
+        ready_at=float(ready),
         lease_owner=_opt(owner),
         lease_token=int(token),
         receipts=[Receipt.model_validate_json(r) for r in receipts],
     )
-    return IntentStatus.model_validate(data)
 
 
 def _readiness(reply: Sequence[Any]) -> Readiness:

@@ -47,6 +47,7 @@ from farmhand.store.base import (
     NewIntent,
     Readiness,
     Throttle,
+    intent_status,
 )
 from farmhand.store.paths import unsafe_reason
 
@@ -322,20 +323,18 @@ class SQLiteStore:
     @staticmethod
     def _status(row: Sequence[Any], receipts: list[Receipt]) -> IntentStatus:
         (_, body, state, attempts, max_attempts, reason, updated, ready, owner, token, _) = row
-        data = json.loads(body)
-        waiting = state in ("pending", "retry_wait")
-        data.update(
+        return intent_status(
+            json.loads(body),
             state=state,
             attempts=attempts,
             max_attempts=max_attempts,
             reason=reason,
-            updated_at=utc(updated),
-            next_attempt_at=utc(ready) if waiting else None,
+            updated_at=updated,
+            ready_at=ready,
             lease_owner=owner,
             lease_token=token,
             receipts=receipts,
         )
-        return IntentStatus.model_validate(data)
 
     async def get_intent(self, ref: str) -> IntentStatus | None:
         def get() -> IntentStatus | None:
