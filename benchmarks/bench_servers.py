@@ -39,6 +39,7 @@ from bench_sqlite import (
     LatencyResult,
     Pacing,
     children_cpu,
+    drain,
     fresh_dir,
     init_home,
     latency_result,
@@ -123,17 +124,7 @@ def farmhand_drain(url: str, opts: Options, name: str) -> Drain:
         progress(f"{name}: pre-loading {n:,} intents")
         asyncio.run(preload(url, workdir / "home", n, 1000))
         progress(f"{name}: draining with {opts.executors} executors, batch {opts.concurrency}")
-        t, cpu = time.perf_counter(), children_cpu()
-        group = start_executors(workdir, url, opts, drain=True)  # type: ignore[arg-type]
-        try:
-            for proc in group.procs:
-                proc.wait(timeout=900)
-            wall = time.perf_counter() - t
-            cpu_s = children_cpu() - cpu
-        finally:
-            group.kill_leftovers()
-        if any(p.returncode != 0 for p in group.procs):
-            raise group.failure("an executor failed")
+        wall, cpu_s, _ = drain(workdir, url, opts)
         found = asyncio.run(read_outcome(url, n))
     finished = found["finished"]
     steady = (len(finished) - 1) / (finished[-1] - finished[0]) if len(finished) > 1 else 0.0
@@ -167,7 +158,7 @@ def farmhand_latency(url: str, opts: Options, name: str) -> LatencyResult:
     total = max(1, round(opts.rate * opts.duration))
     with fresh_dir(f"{name}-latency", opts) as workdir:
         home = init_home(workdir / "home")
-        group = start_executors(workdir, url, opts, drain=False)  # type: ignore[arg-type]
+        group = start_executors(workdir, url, opts, drain=False)
         try:
             wait_until_listening(group)
             time.sleep(0.3)
@@ -582,7 +573,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
 
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
-    warm_bytecode(opts)  # type: ignore[arg-type]
+    warm_bytecode(opts)
     results: dict[str, Any] = {}
     failed = False
     for backend in opts.backends:

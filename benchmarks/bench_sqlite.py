@@ -283,6 +283,23 @@ def start_executors(workdir: Path, url: str, opts: Options, drain: bool) -> Exec
     return group
 
 
+def drain(workdir: Path, url: str, opts: Any) -> tuple[float, float, Executors]:
+    """Run ``opts.executors`` executors with ``--drain`` until they exit: wall seconds, their
+    CPU seconds, and the group (for its stats). Raises if one failed."""
+    t, cpu = time.perf_counter(), children_cpu()
+    group = start_executors(workdir, url, opts, drain=True)
+    try:
+        for proc in group.procs:
+            proc.wait(timeout=900)
+        wall_s = time.perf_counter() - t
+        cpu_s = children_cpu() - cpu
+    finally:
+        group.kill_leftovers()
+    if any(p.returncode != 0 for p in group.procs):
+        raise group.failure("an executor failed")
+    return wall_s, cpu_s, group
+
+
 def wait_until_listening(group: Executors, timeout: float = 30.0) -> float:
     """Wait for every executor's start-up log line; returns the seconds it took."""
     started = time.perf_counter()
@@ -327,17 +344,8 @@ def measure_throughput(opts: Options) -> ThroughputResult:
             f"throughput: pre-loaded in {preload_s:.1f}s; draining with {opts.executors} "
             f"executors, --concurrency {opts.concurrency}"
         )
-        wall_start, t, cpu = time.time(), time.perf_counter(), children_cpu()
-        group = start_executors(workdir, url, opts, drain=True)
-        try:
-            for proc in group.procs:
-                proc.wait(timeout=600)
-            wall_s = time.perf_counter() - t
-            cpu_s = children_cpu() - cpu
-        finally:
-            group.kill_leftovers()
-        if any(p.returncode != 0 for p in group.procs):
-            raise group.failure("an executor failed")
+        wall_start = time.time()
+        wall_s, cpu_s, group = drain(workdir, url, opts)
 
         db = connect(db_path, readonly=True)
         try:
