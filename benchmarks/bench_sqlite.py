@@ -193,7 +193,8 @@ def tail(path: Path, lines: int = 15) -> str:
 
 
 async def preload(url: str, home: Path, n: int, chunk: int) -> None:
-    """Submit ``n`` ``noop`` intents in chunks of ``chunk``, signed with ``home``'s key."""
+    """Submit ``n`` ``noop`` intents in chunks of ``chunk``, each chunk signed together with
+    ``home``'s key (one batch signature), as an agent submitting in bulk does."""
     from farmhand.coordinator import SubmitRequest, Submitted
     from farmhand.store import open_store
 
@@ -201,10 +202,12 @@ async def preload(url: str, home: Path, n: int, chunk: int) -> None:
     try:
         co = signed_coordinator(store, home)
         for start in range(0, n, chunk):
-            intents = [
-                co.build_intent(SubmitRequest(kind="noop", key=f"bench-{i}", payload={}))
-                for i in range(start, min(n, start + chunk))
-            ]
+            intents = co.build_intents(
+                [
+                    SubmitRequest(kind="noop", key=f"bench-{i}", payload={})
+                    for i in range(start, min(n, start + chunk))
+                ]
+            )
             results = await co.submit_many(intents, actor="bench")
             if not all(isinstance(r, Submitted) and r.created for r in results):
                 raise RuntimeError("pre-loading: some intents were not created")

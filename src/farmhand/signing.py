@@ -4,6 +4,22 @@ A signed contract carries ``key_id`` and ``signature``. The signature covers the
 JSON of every other field, ``key_id`` included, so neither the record nor the key it names
 can be changed without the verifier noticing.
 
+Records signed together (:func:`sign_many`) share one Ed25519 signature over the root of a
+Merkle tree of their signing bytes, and each carries its inclusion proof in ``signature``::
+
+    b1.<base64 root signature>.<index>.<leaf count>.<base64 sibling hashes, leaf to root>
+
+Leaves are ``sha256(0x00 || signing bytes)`` and inner nodes ``sha256(0x01 || left ||
+right)`` (RFC 6962's domain separation); the last node of a level with an odd number of
+nodes is promoted to the next level unchanged. What the key signs is
+``farmhand/batch/v1 0x00 || leaf count (4 bytes, big-endian) || root``: never canonical JSON,
+which starts with ``{``, so a batch signature cannot pass for an ordinary one nor the
+other way round. The count is signed because the proof alone does not fix it (a proof of
+leaf 0 of 4 also passes for leaf 0 of 3), and with the count fixed the index fixes the path.
+Forging a record then needs a forged signature or a sha256 collision: the same security as
+one signature per record. A :class:`Verifier` checks each root signature once and then
+only hashes.
+
 The crypto library (PyNaCl) is imported only inside the functions that sign or verify:
 an agent calls the CLI once per action, and most commands never touch a signature.
 """
@@ -12,7 +28,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Iterable
+import hashlib
+import re
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -31,6 +49,21 @@ C = TypeVar("C", bound="Contract")
 SEED_BYTES = 32
 PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
+
+#: How a batch signature starts (base64 has no dot, so no ordinary signature does).
+BATCH_PREFIX = "b1."
+#: Most records under one batch signature; :func:`sign_many` signs more in several batches.
+MAX_BATCH = 1 << 20
+#: Root signatures a :class:`Verifier` remembers; it forgets them all when it has this many.
+ROOT_CACHE_SIZE = 4096
+
+_BATCH_STATEMENT = b"farmhand/batch/v1\x00"
+_LEAF = b"\x00"
+_NODE = b"\x01"
+_HASH_BYTES = 32
+_NUMBER = re.compile(r"0|[1-9][0-9]{0,6}")
+# more than the longest batch signature sign_many writes (964 characters: 20 hashes)
+_MAX_BATCH_CHARS = 1024
 
 
 class SignatureError(FarmhandError):
@@ -57,6 +90,17 @@ def b64decode(text: str, size: int) -> bytes | None:
     except (binascii.Error, UnicodeEncodeError, ValueError):
         return None
     return data if len(data) == size else None
+
+
+def _b64_exact(text: str, size: int) -> bytes | None:
+    """Like :func:`b64decode`, and only for the one text :func:`b64encode` writes."""
+    try:
+        data = binascii.a2b_base64(text, strict_mode=True)
+    except (binascii.Error, ValueError):
+        return None
+    if len(data) != size or binascii.b2a_base64(data, newline=False).decode() != text:
+        return None
+    return data
 
 
 def public_key_of(seed: bytes) -> bytes:
@@ -117,6 +161,8 @@ class Verifier:
     def __init__(self, keys: Iterable[KeyInfo]) -> None:
         self._keys: dict[str, KeyInfo] = {info.key_id: info for info in keys}
         self._verify_keys: dict[str, VerifyKey] = {}
+        # (key id, root signature, signed statement) -> whether the signature is valid
+        self._roots: dict[tuple[str, bytes, bytes], bool] = {}
 
     def __contains__(self, key_id: object) -> bool:
         return key_id in self._keys
@@ -138,6 +184,10 @@ class Verifier:
 
         ``role`` (``coordinator`` or ``approver``), when given, is required of the key:
         an approver's key must not pass for a coordinator's, nor the other way round.
+        ``signature`` is an ordinary signature of ``data`` or a batch signature with the
+        proof that ``data`` is one of the batch's leaves (see the module's description).
+        The key's revocation and role are checked on every call; a batch's root signature
+        is checked once per verifier.
         """
         if not key_id or not signature:
             raise SignatureError("unsigned")
@@ -152,6 +202,9 @@ class Verifier:
             )
         if role is not None and info.role != role:
             raise SignatureError(f"signed with key {key_id} of role {info.role}; needs {role}")
+        if signature.startswith(BATCH_PREFIX):
+            self._verify_batch(info, data, signature)
+            return info
         raw = b64decode(signature, SIGNATURE_BYTES)
         if raw is None:
             raise SignatureError("signature does not match: it is not a base64 Ed25519 signature")
@@ -164,6 +217,27 @@ class Verifier:
                 "signature does not match: the record was changed after signing"
             ) from None
         return info
+
+    def _verify_batch(self, info: KeyInfo, data: bytes, signature: str) -> None:
+        root_signature, index, count, proof = _parse_batch(signature)
+        statement = _statement(count, _root_of(_leaf_hash(data), index, count, proof))
+        cached = (info.key_id, root_signature, statement)
+        valid = self._roots.get(cached)
+        if valid is None:
+            from nacl.exceptions import BadSignatureError
+
+            try:
+                self._verify_key(info).verify(statement, root_signature)
+                valid = True
+            except BadSignatureError:
+                valid = False
+            if len(self._roots) >= ROOT_CACHE_SIZE:
+                self._roots.clear()
+            self._roots[cached] = valid
+        if not valid:
+            raise SignatureError(
+                "signature does not match: the record or its batch proof was changed after signing"
+            )
 
     def _verify_key(self, info: KeyInfo) -> VerifyKey:
         key = self._verify_keys.get(info.key_id)
@@ -200,6 +274,114 @@ def sign(record: C, signer: Signer) -> C:
     unsigned = record.model_copy(update={"key_id": signer.key_id, "signature": None})
     signature = signer.sign(signing_bytes(unsigned))
     return unsigned.model_copy(update={"signature": signature})
+
+
+def sign_many(records: Sequence[C], signer: Signer) -> list[C]:
+    """Copies of ``records``, in order, with ``key_id`` set to the signer's and signed together.
+
+    One Ed25519 signature covers up to :data:`MAX_BATCH` records; each copy carries it with
+    its own inclusion proof, and verifies on its own like a record signed by :func:`sign`.
+    A single record (also the last one of more than :data:`MAX_BATCH`) gets an ordinary
+    signature.
+    """
+    for record in records:
+        _check_signable(record)
+    unsigned = [r.model_copy(update={"key_id": signer.key_id, "signature": None}) for r in records]
+    signed: list[C] = []
+    for start in range(0, len(unsigned), MAX_BATCH):
+        signed += _sign_batch(unsigned[start : start + MAX_BATCH], signer)
+    return signed
+
+
+def _sign_batch(unsigned: list[C], signer: Signer) -> list[C]:
+    if len(unsigned) == 1:
+        (record,) = unsigned
+        return [record.model_copy(update={"signature": signer.sign(signing_bytes(record))})]
+    count = len(unsigned)
+    levels = [[_leaf_hash(signing_bytes(record)) for record in unsigned]]
+    while len(levels[-1]) > 1:
+        level = levels[-1]
+        up = [_node_hash(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            up.append(level[-1])
+        levels.append(up)
+    head = f"{BATCH_PREFIX}{signer.sign(_statement(count, levels[-1][0]))}."
+    signed: list[C] = []
+    for index, record in enumerate(unsigned):
+        path: list[bytes] = []
+        at = index
+        for level in levels[:-1]:
+            if at ^ 1 < len(level):
+                path.append(level[at ^ 1])
+            at >>= 1
+        proof = f"{head}{index}.{count}.{b64encode(b''.join(path))}"
+        signed.append(record.model_copy(update={"signature": proof}))
+    return signed
+
+
+def _leaf_hash(data: bytes) -> bytes:
+    return hashlib.sha256(_LEAF + data).digest()
+
+
+def _node_hash(left: bytes, right: bytes) -> bytes:
+    return hashlib.sha256(_NODE + left + right).digest()
+
+
+def _statement(count: int, root: bytes) -> bytes:
+    """What a batch's key signs: never canonical JSON, so never an ordinary record."""
+    return _BATCH_STATEMENT + count.to_bytes(4, "big") + root
+
+
+def _path_length(index: int, count: int) -> int:
+    """Sibling hashes on the path of leaf ``index`` of ``count`` up to the root."""
+    length = 0
+    while count > 1:
+        if index ^ 1 < count:
+            length += 1
+        index >>= 1
+        count = (count + 1) >> 1
+    return length
+
+
+def _root_of(leaf: bytes, index: int, count: int, proof: bytes) -> bytes:
+    """The root that ``proof`` (already of the right length) leads to from ``leaf``."""
+    node = leaf
+    offset = 0
+    while count > 1:
+        if index ^ 1 < count:
+            sibling = proof[offset : offset + _HASH_BYTES]
+            offset += _HASH_BYTES
+            node = _node_hash(sibling, node) if index & 1 else _node_hash(node, sibling)
+        index >>= 1
+        count = (count + 1) >> 1
+    return node
+
+
+def _malformed(why: str) -> SignatureError:
+    return SignatureError(f"batch signature is malformed: {why}")
+
+
+def _parse_batch(signature: str) -> tuple[bytes, int, int, bytes]:
+    """Root signature, index, leaf count and proof of a batch signature, strictly."""
+    parts = signature.split(".") if len(signature) <= _MAX_BATCH_CHARS else []
+    if len(parts) != 5:
+        raise _malformed("expected b1.SIGNATURE.INDEX.COUNT.PROOF")
+    _, root_text, index_text, count_text, proof_text = parts
+    root_signature = _b64_exact(root_text, SIGNATURE_BYTES)
+    if root_signature is None:
+        raise _malformed("its root signature is not a base64 Ed25519 signature")
+    if not (_NUMBER.fullmatch(index_text) and _NUMBER.fullmatch(count_text)):
+        raise _malformed("index and leaf count must be decimal numbers")
+    index, count = int(index_text), int(count_text)
+    if not 2 <= count <= MAX_BATCH:
+        raise _malformed(f"leaf count {count} is not between 2 and {MAX_BATCH}")
+    if index >= count:
+        raise _malformed(f"index {index} is not below the leaf count {count}")
+    length = _path_length(index, count)
+    proof = _b64_exact(proof_text, length * _HASH_BYTES)
+    if proof is None:
+        raise _malformed(f"leaf {index} of {count} needs a proof of {length} base64 sha256 hashes")
+    return root_signature, index, count, proof
 
 
 def verify(record: Contract, verifier: Verifier, *, role: str | None = None) -> KeyInfo:

@@ -12,11 +12,13 @@ import pytest
 from farmhand.canonical import canonical_json, payload_hash
 from farmhand.contracts import Contract, Intent
 from farmhand.coordinator import Coordinator, SubmitRequest
-from farmhand.keys import Keyring
+from farmhand.keys import KeyInfo, Keyring
 from farmhand.signing import (
     SignatureError,
     Signer,
     Verifier,
+    b64encode,
+    public_key_of,
     sign,
     signing_bytes,
     verify,
@@ -260,3 +262,35 @@ def test_direct_verifier_api(keyring: Keyring, signer: Signer) -> None:
     assert verifier.verify(signer.key_id, b"payload", signature).owner == "coordinator"
     with pytest.raises(SignatureError, match="changed after signing"):
         verifier.verify(signer.key_id, b"payload!", signature)
+
+
+def test_signatures_made_before_still_verify() -> None:
+    # written by an earlier farmhand: the signed bytes of an intent must never change
+    seed = bytes(range(32))
+    signer = Signer("coordinator-0a1b2c3d", "coordinator", seed, public_key_of(seed))
+    payload = {
+        "url": "https://example.org/hook",
+        "json": {"text": "héllo ✓", "n": 1.5, "big": 2**60, "list": [None, True]},
+    }
+    intent = Intent(
+        id="in_golden",
+        key="golden-1",
+        kind="webhook.post",
+        payload=payload,
+        payload_hash=payload_hash(payload),
+        created_at=datetime(2026, 1, 31, 12, 0, tzinfo=UTC),
+        max_attempts=3,
+    )
+    signature = (
+        "FTT9fiBeYmDf+dfEgC3MJnJpjQGrPpOP7KS2ncbIN+upzujfGOx0u60pxxLqu4beK95j6ipDjOxpYP0N/bVfDg=="
+    )
+    signed = sign(intent, signer)
+    assert signed.signature == signature
+    info = KeyInfo(
+        key_id=signer.key_id,
+        owner="coordinator",
+        role="coordinator",
+        public_key=b64encode(public_key_of(seed)),
+        created_at=datetime(2026, 1, 1, tzinfo=UTC),
+    )
+    assert verify(signed, Verifier([info]), role="coordinator") == info

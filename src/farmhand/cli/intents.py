@@ -123,13 +123,15 @@ def _submit_batch(source: str, store: str | None, as_json: bool, actor: str) -> 
             if not text.strip():
                 continue
             try:
-                built.append((number, co.build_intent(_batch_line(number, text))))
+                built.append((number, co.validate(_batch_line(number, text))))
             except FarmhandError as exc:
                 message = str(exc)
                 if not message.startswith("line "):
                     message = f"line {number}: {message}"
                 outcome.append((number, type(exc)(message)))
-        stored = await co.submit_many([intent for _, intent in built], actor) if built else []
+        # the valid lines are signed together: executors check one signature for all of them
+        signed = co.sign_intents([intent for _, intent in built])
+        stored = await co.submit_many(signed, actor) if signed else []
         for (number, _intent), result in zip(built, stored, strict=True):
             outcome.append((number, result))
         return sorted(outcome, key=lambda pair: pair[0])
