@@ -36,7 +36,15 @@ from farmhand.contracts.base import utc
 from farmhand.errors import StoreError
 from farmhand.executor import breaker, ratelimit
 from farmhand.executor.ratelimit import Scope
-from farmhand.store.base import BreakerResult, BreakerStatus, Bucket, Change, Claim, Store
+from farmhand.store.base import (
+    BreakerResult,
+    BreakerStatus,
+    Bucket,
+    Change,
+    Claim,
+    Guard,
+    Store,
+)
 
 log = logging.getLogger("farmhand.executor")
 
@@ -151,6 +159,30 @@ class Limits:
         return 1
 
     # -- before the attempt -----------------------------------------------------------
+
+    def split(self, claims: Sequence[Claim]) -> tuple[list[Claim], list[Claim]]:
+        """``claims`` whose buckets have no rate (nothing to take, only a pause can hold
+        them: the store's guarded start checks it), and those that must take tokens."""
+        free: list[Claim] = []
+        limited: list[Claim] = []
+        for claim in claims:
+            account = self._settings.account(claim.intent.account)
+            request = ratelimit.buckets(claim.intent, account)
+            (limited if any(b.limit is not None for b in request) else free).append(claim)
+        return free, limited
+
+    def guards(self, claims: Sequence[Claim]) -> list[Guard]:
+        """What the store must find clear when it starts each of ``claims`` (unlimited
+        buckets, see :meth:`split`): kill switch, the buckets' pauses, the breaker."""
+        out = []
+        for claim in claims:
+            intent = claim.intent
+            account = self._settings.account(intent.account)
+            names = tuple(b.name for b in ratelimit.buckets(intent, account))
+            out.append(
+                Guard(intent.kind, intent.account, names, breaker.key(intent.kind, intent.account))
+            )
+        return out
 
     async def admit(self, claims: Sequence[Claim]) -> tuple[list[Claim], list[Change]]:
         """Rate limit, then breaker, for claims about to start an attempt: those that may

@@ -4,6 +4,11 @@ Per intent, in order: kill switch -> expiry -> rate limit -> circuit breaker (bo
 through the store, see limits.py) -> lease (fencing token) -> durable "attempt started"
 record -> connector call -> receipt. Store writes are batched: one claim, one
 start and one apply transaction serve many intents, so one fsync covers a whole batch.
+
+The store checks the kill switch again in the same atomic step that records the start
+(a guarded start), so no call starts under a gate closed before that step. For an account
+with no rate limit the same step also checks its pauses and its breaker: while nothing
+holds it back, an intent costs three store round trips (claim, start, receipt).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from farmhand import gates
 from farmhand.clock import Clock, SystemClock
 from farmhand.config import CONFIG_NAME, Settings
 from farmhand.connectors import Call, ConnectorSet, Failed, Result, Uncertain
-from farmhand.contracts import Attempt, IntentState, Lease
+from farmhand.contracts import Attempt, GateRule, IntentState, Lease
 from farmhand.errors import FarmhandError, PolicyMissing, StoreError
 from farmhand.executor import outcomes
 from farmhand.executor.admission import Admission
@@ -26,7 +31,7 @@ from farmhand.executor.limits import Limits
 from farmhand.ids import new_id
 from farmhand.keys import Keyring
 from farmhand.secrets import SecretStore
-from farmhand.store.base import Change, Claim, Store
+from farmhand.store.base import Change, Claim, Guard, Held, Store
 
 log = logging.getLogger("farmhand.executor")
 
@@ -165,7 +170,7 @@ class Executor:
                 self._held[claim.intent.id] = _Held(claim, claim.lease, requested + self.ttl)
         if claims:
             self.stats.claimed += len(claims)
-            await self._dispatch(claims)
+            await self._dispatch(claims, closed)
             return True
         readiness = await self.store.readiness(self._limits.closed(closed))
         now = self._clock.now()
@@ -194,11 +199,9 @@ class Executor:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _dispatch(self, claims: Sequence[Claim]) -> None:
+    async def _dispatch(self, claims: Sequence[Claim], closed: Sequence[GateRule]) -> None:
+        """Check, then start what may run; ``closed``: the gates the claim was made under."""
         now = self._clock.now()
-        # the kill switch is read again here so that no call starts on a gate closed after
-        # the claim; the remaining window is one store round trip
-        closed = gates.closed(await self.store.gates())
         # a fresh verifier per batch: a key revoked a moment ago already fails
         admission = Admission(self.policy, self.keyring.verifier(), self.store)
         refusals: list[Change] = []
@@ -209,8 +212,7 @@ class Executor:
             if claim.open_attempt is not None:
                 self._spawn(self._reconcile(claim, claim.open_attempt))
             elif rule is not None:
-                reason = f"kill switch off for {rule.scope}: {rule.reason or 'no reason given'}"
-                refusals.append(outcomes.refuse(claim, IntentState.PENDING, "release", reason, now))
+                refusals.append(self._gated(claim, rule, now))
             elif (refusal := await admission.refusal(intent, now)) is not None:
                 refusals.append(
                     outcomes.refuse(claim, IntentState.DEAD, "dead_letter", refusal, now)
@@ -231,22 +233,62 @@ class Executor:
                     )
                 else:
                     to_start.append(claim)
-        # rate limit, then breaker: what must wait goes back to pending, no attempt spent
-        to_start, held = await self._limits.admit(to_start)
-        refusals += held
         # starts first: a token just taken is spent as soon as possible, so the calls keep
         # the spacing the rate limit gave them; what was refused can wait a round trip
+        gated: list[Claim] = []
         if to_start:
-            started = await self.store.start_attempts([c.lease for c in to_start])
-            for claim, attempt in zip(to_start, started, strict=True):
-                if attempt is None:
-                    log.warning("lease on %s lost before its attempt started", claim.intent.id)
-                    self._release(claim.intent.id, claim.lease.token)
-                    continue
-                self._held[claim.intent.id].started = True
-                self._spawn(self._call(claim, attempt))
+            # no token to take: the store checks pauses and breaker with the start itself
+            fast, limited = self._limits.split(to_start)
+            started = await self._start(fast, self._limits.guards(fast), gated)
+            slow = limited + [claim for claim, held in started if held]
+            if slow:
+                # rate limit, then breaker: what must wait goes back to pending, no attempt
+                # spent; the rest start, the kill switch still checked by the store
+                go, held = await self._limits.admit(slow)
+                refusals += held
+                await self._start(go, [Guard(c.intent.kind, c.intent.account) for c in go], gated)
+        if gated:
+            # closed after the claim: read the gates again for the reason
+            closed = gates.closed(await self.store.gates())
+            refusals += [
+                self._gated(c, gates.blocking(closed, c.intent.kind, c.intent.account), now)
+                for c in gated
+            ]
         if refusals:
             await self._finish_many(refusals)
+
+    async def _start(
+        self, claims: Sequence[Claim], guards: Sequence[Guard], gated: list[Claim]
+    ) -> list[tuple[Claim, bool]]:
+        """Start the attempts of ``claims`` and spawn their calls. Claims a closed gate held
+        go to ``gated``; the rest come back with whether a pause or breaker held them."""
+        if not claims:
+            return []
+        started = await self.store.start_attempts([c.lease for c in claims], guards)
+        out: list[tuple[Claim, bool]] = []
+        for claim, attempt in zip(claims, started, strict=True):
+            if attempt is None:
+                log.warning("lease on %s lost before its attempt started", claim.intent.id)
+                self._release(claim.intent.id, claim.lease.token)
+            elif isinstance(attempt, Held):
+                if attempt.by == "gate":
+                    gated.append(claim)
+                else:
+                    out.append((claim, True))
+            else:
+                self._held[claim.intent.id].started = True
+                self._spawn(self._call(claim, attempt))
+                out.append((claim, False))
+        return out
+
+    @staticmethod
+    def _gated(claim: Claim, rule: GateRule | None, now: float) -> Change:
+        """The change that returns ``claim`` to pending because the kill switch is off."""
+        if rule is None:  # closed at the start, open again by the time it was read
+            reason = "kill switch was off when the attempt was about to start"
+        else:
+            reason = f"kill switch off for {rule.scope}: {rule.reason or 'no reason given'}"
+        return outcomes.refuse(claim, IntentState.PENDING, "release", reason, now)
 
     def _invalid(self, claim: Claim) -> str | None:
         """Why this executor cannot run the intent at all, or None."""

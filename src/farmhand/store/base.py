@@ -71,6 +71,31 @@ class Change:
 
 
 @dataclass(frozen=True, slots=True)
+class Guard:
+    """What must not hold an attempt back at the moment it starts, checked by the store in
+    the same atomic step that records the start (no window for a gate closed meanwhile)."""
+
+    kind: str
+    account: str
+    #: rate-limit buckets none of which may be paused (the caller took no token from them)
+    buckets: tuple[str, ...] = ()
+    #: a circuit breaker that must be closed; None when the caller already entered it
+    breaker: str | None = None
+
+
+#: why a guarded start was refused: a closed kill switch, a paused bucket, a breaker that
+#: is not closed (the caller then takes the slow path, which explains and decides)
+HeldBy = Literal["gate", "paused", "breaker"]
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A guarded start that did not happen because something held it back."""
+
+    by: HeldBy
+
+
+@dataclass(frozen=True, slots=True)
 class IntentQuery:
     """Filters for listing intents, newest first."""
 
@@ -199,8 +224,13 @@ class Store(Protocol):
         """Lease up to ``limit`` ready intents (or expired leases) not blocked by ``closed``."""
         ...
 
-    async def start_attempts(self, leases: Sequence[Lease]) -> list[Attempt | None]:
-        """Durably record a new attempt for each lease whose token is still current."""
+    async def start_attempts(
+        self, leases: Sequence[Lease], guards: Sequence[Guard] | None = None
+    ) -> list[Attempt | Held | None]:
+        """Durably record a new attempt for each lease whose token is still current (None
+        where it is not). With ``guards`` (one per lease), only where, at that same moment,
+        :func:`farmhand.store.limits_logic.held_by` finds nothing holding it back; else
+        :class:`Held` says what did. Without guards, never :class:`Held`."""
         ...
 
     async def renew(self, leases: Sequence[Lease], ttl: float) -> list[Lease | None]:

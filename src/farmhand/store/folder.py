@@ -39,6 +39,8 @@ from farmhand.store.base import (
     Bucket,
     Change,
     Claim,
+    Guard,
+    Held,
     IntentQuery,
     NewIntent,
     Readiness,
@@ -56,6 +58,7 @@ from farmhand.store.folder_records import (
     Submitted,
 )
 from farmhand.store.folder_view import Batch
+from farmhand.store.limits_logic import guarded_rows, held_by
 
 T = TypeVar("T")
 
@@ -205,15 +208,24 @@ class FolderStore:
             journal.commit(batch)
         return claims
 
-    async def start_attempts(self, leases: Sequence[Lease]) -> list[Attempt | None]:
+    async def start_attempts(
+        self, leases: Sequence[Lease], guards: Sequence[Guard] | None = None
+    ) -> list[Attempt | Held | None]:
         journal = self._journal
 
-        def run() -> list[Attempt | None]:
+        def run() -> list[Attempt | Held | None]:
             with journal.locked():
                 journal.check_executor()
                 batch = journal.batch()
-                out: list[Attempt | None] = []
-                for lease in leases:
+                view = journal.view
+                held: list[Held | None] = [None] * len(leases)
+                if guards:
+                    closed = gate_rules.closed(view.gates())
+                    names, keys = guarded_rows(guards)
+                    buckets, breakers = view.bucket_rows(names), view.breaker_rows(keys)
+                    held = [held_by(g, closed, buckets, breakers, batch.at) for g in guards]
+                out: list[Attempt | Held | None] = []
+                for lease, holder in zip(leases, held, strict=True):
                     iid, state = lease.intent_id, batch.current(lease.intent_id)
                     if (
                         state is None
@@ -222,6 +234,9 @@ class FolderStore:
                         or (batch.expiry(iid, state) or 0.0) <= batch.at
                     ):
                         out.append(None)
+                        continue
+                    if holder is not None:
+                        out.append(holder)
                         continue
                     attempt = state.attempts + 1
                     origin = batch.origin()

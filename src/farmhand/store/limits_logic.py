@@ -13,13 +13,23 @@ interval ``T = 1 / rate`` a token may be taken at ``now`` iff ``max(tat, now) + 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from farmhand import gates
 from farmhand.config import BreakerConfig, Limit
+from farmhand.contracts import GateRule
 from farmhand.contracts.base import utc
-from farmhand.store.base import BreakerResult, BreakerState, BreakerStatus, Bucket, Throttle
+from farmhand.store.base import (
+    BreakerResult,
+    BreakerState,
+    BreakerStatus,
+    Bucket,
+    Guard,
+    Held,
+    Throttle,
+)
 
 #: a wait shorter than this is no wait: epoch seconds near 1.8e9 carry only ~0.24 us of
 #: precision, so sums of intervals round by about that much
@@ -160,6 +170,33 @@ def breaker_status(row: BreakerRow, now: float) -> BreakerStatus:
     if state == "half_open":
         return BreakerStatus(state="half_open", wait=max(0.0, (probe_until or now) - now))
     return BreakerStatus()
+
+
+def held_by(
+    guard: Guard,
+    closed: Sequence[GateRule],
+    buckets: Mapping[str, BucketRow],
+    breakers: Mapping[str, BreakerRow],
+    now: float,
+) -> Held | None:
+    """What holds back an attempt guarded by ``guard`` at ``now``, given the closed gate
+    rules and the rows of the buckets and breakers it names (see :func:`guarded_rows`; a
+    bucket or breaker without a row is neither paused nor open). Every store answers this
+    the same way: the Python stores call it, PostgreSQL and Redis say it in SQL and Lua."""
+    if gates.blocking(closed, guard.kind, guard.account) is not None:
+        return Held("gate")
+    if any(buckets.get(name, NO_BUCKET)[1] > now for name in guard.buckets):
+        return Held("paused")
+    if guard.breaker is not None and breakers.get(guard.breaker, CLOSED)[0] != "closed":
+        return Held("breaker")
+    return None
+
+
+def guarded_rows(guards: Sequence[Guard]) -> tuple[list[str], list[str]]:
+    """The buckets and the breakers that ``guards`` name, each once."""
+    buckets = sorted({name for guard in guards for name in guard.buckets})
+    breakers = sorted({g.breaker for g in guards if g.breaker is not None})
+    return buckets, breakers
 
 
 def quiet(rows: dict[str, BreakerRow], *, failures: bool = False) -> bool:

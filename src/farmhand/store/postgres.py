@@ -12,6 +12,7 @@ trigger sends on every commit.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, nullcontext
 from typing import Any
@@ -43,6 +44,9 @@ from farmhand.store.base import (
     Bucket,
     Change,
     Claim,
+    Guard,
+    Held,
+    HeldBy,
     IntentQuery,
     NewIntent,
     Readiness,
@@ -52,6 +56,8 @@ from farmhand.store.limits_logic import quiet
 from farmhand.store.postgres_setup import Notifier, Target, connect, migrate, parse_url
 
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
+#: longest a copy of the gates is used (seconds), however quiet the notifications
+_GATES_FRESH = 0.25
 #: seconds to wait for the pool's first connection, or for a free one
 _POOL_TIMEOUT = 30.0
 
@@ -71,6 +77,8 @@ class PostgresStore:
         self._clock = clock
         self._pool: AsyncConnectionPool[Conn] | None = pool
         self._notifier = notifier
+        #: the gates as last read: (the notifier's gate version then, rules, monotonic time)
+        self._gates: tuple[int, list[GateRule], float] | None = None
 
     @classmethod
     async def open(cls, url: str, clock: Clock | None = None) -> PostgresStore:
@@ -178,13 +186,20 @@ class PostgresStore:
             return []
         batch = [conv.intent_record(item, n) for n, item in enumerate(first.values())]
         keys = list(first)
-        async with self._conn() as conn, conn.pipeline():
+        async with self._conn() as conn:
             inserted = await conn.execute(q.PUT_INTENTS, (self._fixed(), conv.records(batch)))
-            # a new statement, a new snapshot: it sees keys another writer committed while
+            created = {key: (at, ready) for key, at, ready in await inserted.fetchall()}
+            # what is new is known as stored; only keys that existed are read back, in a
+            # new statement, a new snapshot: it sees keys another writer committed while
             # this insert waited for them
-            found = await conn.execute(q.STATUSES + " WHERE i.key = ANY(%b::text[])", (keys,))
-            created = {key for (key,) in await inserted.fetchall()}
-            by_key = {row[-1]: conv.status(row[:-1]) for row in await found.fetchall()}
+            old = [key for key in keys if key not in created]
+            by_key: dict[str, IntentStatus] = {}
+            if old:
+                sql = q.STATUSES + " WHERE i.key = ANY(%b::text[])"
+                found = await conn.execute(sql, (old,))
+                by_key = {row[-1]: conv.status(row[:-1]) for row in await found.fetchall()}
+        for key, (at, ready) in created.items():
+            by_key[key] = conv.new_status(first[key], at, ready)
         self._changed(bool(created))
         out = []
         for item in items:
@@ -232,9 +247,13 @@ class PostgresStore:
         self._changed(bool(claimed))
         return [conv.claim(row, owner) for row in claimed]
 
-    async def start_attempts(self, leases: Sequence[Lease]) -> list[Attempt | None]:
-        out: list[Attempt | None] = [None] * len(leases)
-        rounds = conv.rounds(leases, lambda lease: lease.intent_id)
+    async def start_attempts(
+        self, leases: Sequence[Lease], guards: Sequence[Guard] | None = None
+    ) -> list[Attempt | Held | None]:
+        out: list[Attempt | Held | None] = [None] * len(leases)
+        checks: Sequence[Guard | None] = guards or [None] * len(leases)
+        items = list(zip(leases, checks, strict=True))
+        rounds = conv.rounds(items, lambda item: item[0].intent_id)
         if not rounds:
             return out
         fixed = self._fixed()
@@ -245,28 +264,34 @@ class PostgresStore:
                 async with conn.transaction():
                     found = [await self._start_round(conn, fixed, batch) for batch in rounds]
         for batch, started in zip(rounds, found, strict=True):
-            for index, lease in batch:
+            for index, (lease, _) in batch:
                 row = started.get(lease.intent_id)
-                if row is not None:
-                    out[index] = Attempt(
+                if row is None:
+                    continue
+                attempt, at, held = row
+                out[index] = (
+                    Held(held)
+                    if held is not None
+                    else Attempt(
                         intent_id=lease.intent_id,
-                        attempt=row[0],
+                        attempt=attempt,
                         executor=lease.owner,
                         fencing_token=lease.token,
-                        started_at=utc(row[1]),
+                        started_at=utc(at),
                     )
-        self._changed(any(a is not None for a in out))
+                )
+        self._changed(any(isinstance(a, Attempt) for a in out))
         return out
 
     @staticmethod
     async def _start_round(
-        conn: Conn, fixed: float | None, batch: list[tuple[int, Lease]]
-    ) -> dict[str, tuple[int, float]]:
+        conn: Conn, fixed: float | None, batch: list[tuple[int, tuple[Lease, Guard | None]]]
+    ) -> dict[str, tuple[int, float, HeldBy | None]]:
         # in id order: concurrent batches then lock their rows in one order
-        leases = sorted((lease for _, lease in batch), key=lambda lease: lease.intent_id)
-        records = [{"id": x.intent_id, "token": x.token, "owner": x.owner} for x in leases]
+        items = sorted((item for _, item in batch), key=lambda item: item[0].intent_id)
+        records = [conv.start_record(lease, guard) for lease, guard in items]
         cur = await conn.execute(q.START_ATTEMPTS, (fixed, conv.records(records)))
-        return {intent_id: (attempt, at) for intent_id, attempt, at in await cur.fetchall()}
+        return {row[0]: row[1:] for row in await cur.fetchall()}
 
     async def renew(self, leases: Sequence[Lease], ttl: float) -> list[Lease | None]:
         if not leases:
@@ -429,11 +454,20 @@ class PostgresStore:
                 json.dumps({"kind": rule.kind, "account": rule.account}),
             ),
         )
+        self._gates = None
         self._changed(True)
 
     async def gates(self) -> list[GateRule]:
+        # a copy serves until a gate changes (the notifier counts those) or for at most
+        # _GATES_FRESH seconds: an executor reads the gates for every claim, and the
+        # guarded start checks them in the database anyway
+        version, cached, now = self._notifier.gates, self._gates, time.monotonic()
+        if cached is not None and cached[0] == version and now - cached[2] <= _GATES_FRESH:
+            return list(cached[1])
         rows = await self._rows("SELECT body FROM gates ORDER BY kind, account")
-        return [GateRule.model_validate_json(body) for (body,) in rows]
+        rules = [GateRule.model_validate_json(body) for (body,) in rows]
+        self._gates = (version, rules, now)
+        return list(rules)
 
     async def receipts(self, intent_id: str | None = None, limit: int = 100) -> list[Receipt]:
         if intent_id is None:

@@ -18,7 +18,7 @@ from farmhand.contracts import (
     Receipt,
 )
 from farmhand.contracts.base import utc
-from farmhand.store.base import Change, Claim, NewIntent, intent_status
+from farmhand.store.base import Change, Claim, Guard, NewIntent, intent_status
 
 T = TypeVar("T")
 
@@ -27,6 +27,15 @@ def records(rows: Sequence[dict[str, Any]]) -> str:
     """A batch as one JSON parameter (the C encoder: far cheaper than array parameters,
     which psycopg dumps element by element)."""
     return json.dumps(rows, ensure_ascii=False, separators=(",", ":"))
+
+
+def start_record(lease: Lease, guard: Guard | None) -> dict[str, Any]:
+    """One row of START_ATTEMPTS: the lease and, when guarded, what to judge."""
+    row: dict[str, Any] = {"id": lease.intent_id, "token": lease.token, "owner": lease.owner}
+    if guard is not None:
+        row |= {"kind": guard.kind, "account": guard.account, "buckets": list(guard.buckets)}
+        row["breaker"] = guard.breaker
+    return row
 
 
 def gate_filter(closed: Sequence[GateRule]) -> tuple[str, dict[str, str]] | None:
@@ -127,6 +136,23 @@ def status(row: Sequence[Any]) -> IntentStatus:
         lease_owner=owner,
         lease_token=token,
         receipts=[Receipt.model_validate_json(r) for r in receipts],
+    )
+
+
+def new_status(item: NewIntent, updated_at: float, ready_at: float | None) -> IntentStatus:
+    """An intent ``PUT_INTENTS`` just created, as ``STATUSES`` would return it."""
+    intent = item.intent
+    return intent_status(
+        intent.model_dump(),
+        state=item.state.value,
+        attempts=0,
+        max_attempts=intent.max_attempts,
+        reason=None,
+        updated_at=updated_at,
+        ready_at=ready_at,
+        lease_owner=None,
+        lease_token=0,
+        receipts=[],
     )
 
 

@@ -248,6 +248,9 @@ async def _migrate(conn: Conn, target: Target) -> tuple[int, int]:
 
 # -- change notification ----------------------------------------------------------------------
 
+#: the payload of a gate change's notification (see migration 0004)
+GATES = "gates"
+
 Connector = Callable[[], Awaitable[Conn]]
 
 
@@ -255,13 +258,16 @@ class Notifier:
     """The change counter: this store's own commits plus every NOTIFY from other writers.
 
     One dedicated connection LISTENs; notifications whose payload is this store's own
-    writer name are skipped (its commits were counted when they returned). If that
-    connection drops, the counter moves (a waiter re-checks the store) and it reconnects.
+    writer name are skipped (its commits were counted when they returned). A gate change
+    (payload ``gates``) also moves ``gates``, whoever made it. If that connection drops,
+    both move (a waiter re-checks the store) and it reconnects.
     """
 
     def __init__(self, writer: str, reconnect: Connector) -> None:
         self.writer = writer
         self.counter = 0
+        #: moves with every gate change (and every lost connection)
+        self.gates = 0
         self._reconnect = reconnect
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -296,10 +302,14 @@ class Notifier:
                 if conn is None or conn.closed:
                     conn = self._conn = await self._reconnect()
                     await conn.execute(f"LISTEN {CHANNEL}")
+                    self.gates += 1
                     self.bump()  # whatever was sent while nobody listened
                     pause = 0.1
                 async for notice in conn.notifies():
-                    if notice.payload != self.writer:
+                    if notice.payload == GATES:
+                        self.gates += 1
+                        self.bump()
+                    elif notice.payload != self.writer:
                         self.bump()
             # whatever broke it (a lost connection, a failed reconnect), the source of
             # wake-ups must come back: executors would otherwise only poll
@@ -307,6 +317,7 @@ class Notifier:
                 log.warning("PostgreSQL change listener lost its connection: %s", exc)
                 if conn is not None:
                     await conn.close()
+                self.gates += 1
                 self.bump()
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 5.0)

@@ -34,7 +34,7 @@ added AS (
     FROM input u CROSS JOIN t
     ORDER BY u.ord
     ON CONFLICT (key) DO NOTHING
-    RETURNING id, key, state, updated_at
+    RETURNING id, key, state, updated_at, ready_at
 ),
 logged AS (
     INSERT INTO audit (at, actor, action, intent_id, to_state)
@@ -42,7 +42,7 @@ logged AS (
     FROM added a JOIN input u ON u.key = a.key
     ORDER BY u.ord
 )
-SELECT key FROM added
+SELECT key, updated_at, ready_at FROM added
 """
 
 #: an intent with its receipts (oldest first), then its key; append a WHERE clause
@@ -105,21 +105,49 @@ LEFT JOIN LATERAL (
 ORDER BY c.part, c.rank, c.seq
 """
 
+# A guarded row (kind not NULL) starts only if, judged in this statement, no closed gate
+# covers its kind and account, none of its buckets is paused and its breaker (if named) is
+# closed (limits_logic.held_by says the same in Python); else it reports what held it.
 START_ATTEMPTS = f"""
 WITH {_STAMP},
+input AS (
+    SELECT * FROM json_to_recordset(%s::json)
+        AS u(id text, token bigint, owner text, kind text, account text, buckets json,
+             breaker text)
+),
+judged AS (
+    SELECT u.id, u.token, u.owner,
+           CASE WHEN u.kind IS NULL THEN NULL
+                WHEN EXISTS (SELECT 1 FROM gates g
+                             WHERE g.kind IN ('', u.kind) AND g.account IN ('', u.account)
+                               AND NOT (g.body::json->>'open')::boolean) THEN 'gate'
+                WHEN EXISTS (SELECT 1 FROM buckets b
+                             WHERE b.name IN (SELECT json_array_elements_text(u.buckets))
+                               AND b.paused_until > t.now) THEN 'paused'
+                WHEN EXISTS (SELECT 1 FROM breakers k
+                             WHERE k.key = u.breaker AND k.state <> 'closed') THEN 'breaker'
+           END AS held
+    FROM input u CROSS JOIN t
+),
+current AS (
+    SELECT j.id, j.token, j.owner, j.held FROM judged j JOIN intents i ON i.id = j.id
+    CROSS JOIN t
+    WHERE i.state = 'running' AND i.lease_token = j.token AND i.lease_expires > t.now
+),
 started AS (
     UPDATE intents i
     SET attempts = i.attempts + 1, updated_at = t.now
-    FROM json_to_recordset(%s::json) AS u(id text, token bigint, owner text) CROSS JOIN t
-    WHERE i.id = u.id AND i.state = 'running' AND i.lease_token = u.token
-      AND i.lease_expires > t.now
-    RETURNING i.id, i.attempts, t.now, u.owner, u.token
+    FROM current c CROSS JOIN t
+    WHERE c.held IS NULL AND i.id = c.id
+    RETURNING i.id, i.attempts, t.now, c.owner, c.token
 ),
 recorded AS (
     INSERT INTO attempts (intent_id, attempt, executor, fencing_token, started_at)
     SELECT id, attempts, owner, token, now FROM started
 )
-SELECT id, attempts, now FROM started
+SELECT id, attempts, now, NULL FROM started
+UNION ALL
+SELECT id, NULL, NULL, held FROM current WHERE held IS NOT NULL
 """
 
 RENEW = f"""

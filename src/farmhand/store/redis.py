@@ -42,6 +42,8 @@ from farmhand.store.base import (
     Bucket,
     Change,
     Claim,
+    Guard,
+    Held,
     IntentQuery,
     NewIntent,
     Readiness,
@@ -52,6 +54,8 @@ from farmhand.store.redis_limits import RedisLimits
 from farmhand.store.redis_setup import Link, parse
 
 _WAITING = (IntentState.PENDING.value, IntentState.RETRY_WAIT.value)
+#: start.lua's answers for a guarded start that something held back
+_HELD = {"g": Held("gate"), "p": Held("paused"), "b": Held("breaker")}
 #: intents per list script call: a long listing is paged so it never blocks the server
 _LIST_PAGE = 1000
 #: oldest Redis with everything the scripts use (XAUTOCLAIM, XADD <ms>-*, script flags)
@@ -274,14 +278,22 @@ class RedisStore:
             )
         return claims
 
-    async def start_attempts(self, leases: Sequence[Lease]) -> list[Attempt | None]:
+    async def start_attempts(
+        self, leases: Sequence[Lease], guards: Sequence[Guard] | None = None
+    ) -> list[Attempt | Held | None]:
         if not leases:
             return []
-        rows = [[lease.intent_id, str(lease.token), lease.owner] for lease in leases]
+        rows: list[list[Any]] = [
+            [lease.intent_id, str(lease.token), lease.owner] for lease in leases
+        ]
+        for row, guard in zip(rows, guards or (), strict=False):
+            row += [guard.kind, guard.account, list(guard.buckets), guard.breaker or False]
         now, *numbers = (await self._link.run("start", [json.dumps(rows)])).split(" ")
         started = utc(float(now))
         return [
-            Attempt(
+            _HELD[n]
+            if n in _HELD
+            else Attempt(
                 intent_id=lease.intent_id,
                 attempt=int(n),
                 executor=lease.owner,

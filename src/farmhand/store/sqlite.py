@@ -43,6 +43,8 @@ from farmhand.store.base import (
     Bucket,
     Change,
     Claim,
+    Guard,
+    Held,
     IntentQuery,
     NewIntent,
     Readiness,
@@ -50,6 +52,10 @@ from farmhand.store.base import (
     intent_status,
 )
 from farmhand.store.paths import unsafe_reason
+
+#: the intent is running under this lease (id, token, now), which has not expired
+_WHERE_LEASE = "WHERE id = ? AND state = 'running' AND lease_token = ? AND lease_expires > ?"
+_LEASE_CURRENT = f"SELECT 1 FROM intents {_WHERE_LEASE}"
 
 T = TypeVar("T")
 
@@ -459,19 +465,29 @@ class SQLiteStore:
                 )
         return found
 
-    async def start_attempts(self, leases: Sequence[Lease]) -> list[Attempt | None]:
-        return await self._run(self._start_attempts, list(leases))
+    async def start_attempts(
+        self, leases: Sequence[Lease], guards: Sequence[Guard] | None = None
+    ) -> list[Attempt | Held | None]:
+        return await self._run(self._start_attempts, list(leases), guards)
 
-    def _start_attempts(self, leases: list[Lease]) -> list[Attempt | None]:
+    def _start_attempts(
+        self, leases: list[Lease], guards: Sequence[Guard] | None
+    ) -> list[Attempt | Held | None]:
         now = self._clock.now()
-        numbers: list[int | None] = []
+        numbers: list[int | Held | None] = []
         with self._tx() as db:
-            for lease in leases:
+            held = limits.held(db, guards, now) if guards else [None] * len(leases)
+            for lease, holder in zip(leases, held, strict=True):
+                current = (lease.intent_id, lease.token, now)
+                if holder is not None:
+                    # a lost lease answers None, whatever would also hold it back
+                    lost = db.execute(_LEASE_CURRENT, current).fetchone() is None
+                    numbers.append(None if lost else holder)
+                    continue
                 row = db.execute(
-                    "UPDATE intents SET attempts = attempts + 1, updated_at = ?"
-                    " WHERE id = ? AND state = 'running' AND lease_token = ? AND lease_expires > ?"
+                    f"UPDATE intents SET attempts = attempts + 1, updated_at = ? {_WHERE_LEASE}"
                     " RETURNING attempts",
-                    (now, lease.intent_id, lease.token, now),
+                    (now, *current),
                 ).fetchone()
                 if row is None:
                     numbers.append(None)
@@ -485,8 +501,8 @@ class SQLiteStore:
         # the records are built after the commit: the write lock is held for SQL only
         started_at = utc(now)
         return [
-            None
-            if number is None
+            number
+            if number is None or isinstance(number, Held)
             else Attempt(
                 intent_id=lease.intent_id,
                 attempt=number,

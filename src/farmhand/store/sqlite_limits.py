@@ -15,8 +15,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from farmhand.config import BreakerConfig
+from farmhand.contracts import GateRule
 from farmhand.store import limits_logic as logic
-from farmhand.store.base import BreakerResult, BreakerStatus, Bucket, Throttle
+from farmhand.store.base import BreakerResult, BreakerStatus, Bucket, Guard, Held, Throttle
 from farmhand.store.limits_logic import PAUSE_AUDIT_STEP, gcra_tokens, gcra_wait
 
 __all__ = [
@@ -173,3 +174,15 @@ def breaker_record(
 def breaker_peek(db: sqlite3.Connection, now: float, key: str) -> BreakerStatus:
     """The state of one breaker; reads only."""
     return logic.breaker_status(_breaker_rows(db, [key]).get(key, logic.CLOSED), now)
+
+
+def held(db: sqlite3.Connection, guards: Sequence[Guard], now: float) -> list[Held | None]:
+    """What holds back each guarded start at ``now`` (read in the caller's transaction)."""
+    closed = [
+        rule
+        for (body,) in db.execute("SELECT body FROM gates")
+        if not (rule := GateRule.model_validate_json(body)).open
+    ]
+    names, keys = logic.guarded_rows(guards)
+    buckets, breakers = _bucket_rows(db, names), _breaker_rows(db, keys)
+    return [logic.held_by(guard, closed, buckets, breakers, now) for guard in guards]

@@ -1,0 +1,131 @@
+"""Store conformance: a guarded attempt start checks the kill switch, bucket pauses and the
+circuit breaker in the same atomic step that records the start."""
+
+from __future__ import annotations
+
+from farmhand.clock import FakeClock
+from farmhand.config import BreakerConfig
+from farmhand.contracts import Attempt
+from farmhand.store import Store
+from farmhand.store.base import BreakerResult, Guard, Held
+from store_support import S, claim_one, gate, make_intent, put, state_of
+
+KEY = "noop:default"
+BUCKET = "account:default"
+BREAKER = BreakerConfig(failures=2, cooldown=10.0)
+
+
+def guard(**kw: object) -> Guard:
+    fields: dict[str, object] = {
+        "kind": "noop",
+        "account": "default",
+        "buckets": (BUCKET,),
+        "breaker": KEY,
+    }
+    return Guard(**(fields | kw))  # type: ignore[arg-type]
+
+
+async def test_guarded_start_with_nothing_in_the_way_starts(store: Store, clock: FakeClock) -> None:
+    await put(store, make_intent(clock, "k"))
+    claim = await claim_one(store)
+    (started,) = await store.start_attempts([claim.lease], [guard()])
+    assert isinstance(started, Attempt)
+    assert (started.attempt, started.fencing_token) == (1, claim.lease.token)
+    assert await state_of(store, "k") is S.RUNNING
+
+
+async def test_closed_gate_holds_the_start(store: Store, clock: FakeClock) -> None:
+    await put(store, make_intent(clock, "a"), make_intent(clock, "b"))
+    claims = await store.claim("ex_a", 10, 30.0, [])
+    # closed after the claim: only the start can still see it
+    await store.set_gate(gate(clock, account="default"))
+    started = await store.start_attempts([c.lease for c in claims], [guard(), guard()])
+    assert started == [Held("gate"), Held("gate")]
+    status = await store.get_intent("a")
+    assert status is not None
+    assert status.attempts == 0
+
+
+async def test_gate_of_another_scope_does_not_hold(store: Store, clock: FakeClock) -> None:
+    await put(store, make_intent(clock, "k"))
+    claim = await claim_one(store)
+    await store.set_gate(gate(clock, kind="email.send"))
+    await store.set_gate(gate(clock, account="other"))
+    (started,) = await store.start_attempts([claim.lease], [guard()])
+    assert isinstance(started, Attempt)
+
+
+async def test_kind_gate_holds_only_its_kind(store: Store, clock: FakeClock) -> None:
+    await put(store, make_intent(clock, "k"))
+    claim = await claim_one(store)
+    await store.set_gate(gate(clock, kind="noop"))
+    assert await store.start_attempts([claim.lease], [guard()]) == [Held("gate")]
+
+
+async def test_paused_bucket_holds_the_start(store: Store, clock: FakeClock) -> None:
+    await put(store, make_intent(clock, "k"))
+    claim = await claim_one(store)
+    await store.pause(BUCKET, clock.now() + 5, "HTTP 429", "ex_b")
+    assert await store.start_attempts([claim.lease], [guard()]) == [Held("paused")]
+    # a pause on a bucket the guard does not name holds nothing
+    (started,) = await store.start_attempts([claim.lease], [guard(buckets=("account:x",))])
+    assert isinstance(started, Attempt)
+
+
+async def test_ended_pause_does_not_hold(store: Store, clock: FakeClock) -> None:
+    await put(store, make_intent(clock, "k"))
+    claim = await claim_one(store)
+    await store.pause(BUCKET, clock.now() + 5, "HTTP 429", "ex_b")
+    clock.advance(5)
+    (started,) = await store.start_attempts([claim.lease], [guard()])
+    assert isinstance(started, Attempt)
+
+
+async def test_open_breaker_holds_the_start_unless_already_entered(
+    store: Store, clock: FakeClock
+) -> None:
+    await put(store, make_intent(clock, "k"))
+    claim = await claim_one(store, ttl=60)
+    failures = [BreakerResult(KEY, f"t{i}", False, "HTTP 503") for i in range(2)]
+    (status,) = (await store.breaker_record(failures, BREAKER, "ex_b")).values()
+    assert status.state == "open"
+    assert await store.start_attempts([claim.lease], [guard()]) == [Held("breaker")]
+    # cooled down but still open until a probe enters it: the guard still holds
+    clock.advance(10)
+    assert await store.start_attempts([claim.lease], [guard()]) == [Held("breaker")]
+    # the caller that entered the breaker (and got the probe) starts with breaker=None
+    (entered,) = await store.breaker_enter([(KEY, claim.intent.id)], "ex_a", 30.0)
+    assert entered.probe
+    (started,) = await store.start_attempts([claim.lease], [guard(breaker=None)])
+    assert isinstance(started, Attempt)
+
+
+async def test_closed_breaker_with_failures_does_not_hold(store: Store, clock: FakeClock) -> None:
+    await put(store, make_intent(clock, "k"))
+    claim = await claim_one(store)
+    await store.breaker_record([BreakerResult(KEY, "t", False, "HTTP 503")], BREAKER, "ex_b")
+    (started,) = await store.start_attempts([claim.lease], [guard()])
+    assert isinstance(started, Attempt)
+
+
+async def test_guards_are_judged_per_lease_and_lost_leases_stay_none(
+    store: Store, clock: FakeClock
+) -> None:
+    await put(store, make_intent(clock, "a"), make_intent(clock, "b"), make_intent(clock, "c"))
+    a, b, c = await store.claim("ex_a", 10, 30.0, [])
+    await store.set_gate(gate(clock, kind="blocked.kind"))
+    lost = c.lease.model_copy(update={"token": c.lease.token + 1})
+    started = await store.start_attempts(
+        [a.lease, b.lease, lost], [guard(), guard(kind="blocked.kind"), guard()]
+    )
+    assert isinstance(started[0], Attempt)
+    assert started[1:] == [Held("gate"), None]
+    assert [await state_of(store, k) for k in "abc"] == [S.RUNNING] * 3
+
+
+async def test_guard_checks_gate_before_pause_and_breaker(store: Store, clock: FakeClock) -> None:
+    await put(store, make_intent(clock, "k"))
+    claim = await claim_one(store)
+    await store.pause(BUCKET, clock.now() + 5, "HTTP 429", "ex_b")
+    await store.set_gate(gate(clock))
+    assert await store.start_attempts([claim.lease], [guard()]) == [Held("gate")]
