@@ -23,6 +23,7 @@ the few that lose release their one intent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Sequence
@@ -50,6 +51,11 @@ log = logging.getLogger("farmhand.executor")
 
 #: shortest hold of an intent refused by a breaker (a guard against an immediate re-claim)
 _MIN_HOLD = 0.01
+#: successes are recorded for the breakers at most this often (seconds of real time): on
+#: a closed breaker they only reset its failure count, and one write per call would cost a
+#: store round trip per intent. Failures, probe results and results for a breaker this
+#: executor holds back are recorded at once, after the successes before them.
+SUCCESS_FLUSH = 0.5
 
 
 @dataclass(slots=True)
@@ -94,6 +100,11 @@ class Limits:
         self._results: list[BreakerResult] = []
         self._scopes: dict[str, Scope] = {}
         self._recorder: asyncio.Task[None] | None = None
+        #: a result waiting in _results must be recorded now (see SUCCESS_FLUSH)
+        self._urgent = asyncio.Event()
+        self._last_record = -SUCCESS_FLUSH
+        #: intents that entered a half-open breaker as its probe
+        self._probes: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- claiming ---------------------------------------------------------------------
@@ -222,6 +233,7 @@ class Limits:
         for claim, (key, _), status in zip(passed, entries, statuses, strict=True):
             if status.probe:
                 log.info("circuit breaker %s is half-open: %s probes it", key, claim.intent.id)
+                self._probes.add(claim.intent.id)
                 # the scope's other intents wait for the probe's result
                 self._block_breaker(key, claim.intent, now + self._ttl)
                 go.append(claim)
@@ -256,6 +268,10 @@ class Limits:
         self._scopes[key] = breaker.scope(intent.kind, intent.account)
         ok = not breaker.is_failure(result)
         self._results.append(BreakerResult(key, intent.id, ok, breaker.error(result)))
+        probe = intent.id in self._probes
+        self._probes.discard(intent.id)
+        if not ok or probe or f"breaker:{key}" in self._blocks:
+            self._urgent.set()
         if self._recorder is None or self._recorder.done():
             self._recorder = asyncio.create_task(self._record())
         seconds = ratelimit.pause_seconds(result)
@@ -266,7 +282,15 @@ class Limits:
             task.add_done_callback(self._tasks.discard)
 
     async def _record(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._results:
+            wait = self._last_record + SUCCESS_FLUSH - loop.time()
+            if wait > 0 and not self._urgent.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._urgent.wait()
+            self._urgent.clear()
+            self._last_record = loop.time()
             batch, self._results = self._results, []
             try:
                 states = await self._store.breaker_record(
@@ -303,7 +327,8 @@ class Limits:
         self._block(f"bucket:{name}", (None, intent.account), until, bucket=bucket)
 
     async def aclose(self) -> None:
-        """Wait for results and pauses still being written."""
+        """Write the results still waiting, and wait for pauses being written."""
+        self._urgent.set()
         pending = [t for t in (self._recorder, *self._tasks) if t is not None]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)

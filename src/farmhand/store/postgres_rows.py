@@ -18,7 +18,7 @@ from farmhand.contracts import (
     Receipt,
 )
 from farmhand.contracts.base import utc
-from farmhand.store.base import Change, Claim, Guard, NewIntent, intent_status
+from farmhand.store.base import Change, Claim, Guard, NewIntent, Readiness, intent_status
 
 T = TypeVar("T")
 
@@ -137,6 +137,14 @@ def status(row: Sequence[Any]) -> IntentStatus:
         lease_token=token,
         receipts=[Receipt.model_validate_json(r) for r in receipts],
     )
+
+
+def readiness(row: Sequence[Any]) -> Readiness:
+    """What ``READINESS`` answers: running leases, and the earliest lease expiry or ready
+    time."""
+    running, lease_min, ready_min = row
+    times = [t for t in (lease_min, ready_min) if t is not None]
+    return Readiness(running=running, next_ready_at=min(times) if times else None)
 
 
 def new_status(item: NewIntent, updated_at: float, ready_at: float | None) -> IntentStatus:
