@@ -56,6 +56,8 @@ BATCH_PREFIX = "b1."
 MAX_BATCH = 1 << 20
 #: Root signatures a :class:`Verifier` remembers; it forgets them all when it has this many.
 ROOT_CACHE_SIZE = 4096
+#: Places in one batch's tree a :class:`Verifier` remembers as proven (a few per record).
+NODE_CACHE_SIZE = 65_536
 
 _BATCH_STATEMENT = b"farmhand/batch/v1\x00"
 _LEAF = b"\x00"
@@ -163,6 +165,9 @@ class Verifier:
         self._verify_keys: dict[str, VerifyKey] = {}
         # (key id, root signature, signed statement) -> whether the signature is valid
         self._roots: dict[tuple[str, bytes, bytes], bool] = {}
+        #: per batch (key, root signature, leaf count): what paths that led to its verified
+        #: root passed through, by place in the tree
+        self._nodes: dict[tuple[str, bytes, int], dict[Place, Proven]] = {}
 
     def __contains__(self, key_id: object) -> bool:
         return key_id in self._keys
@@ -220,7 +225,13 @@ class Verifier:
 
     def _verify_batch(self, info: KeyInfo, data: bytes, signature: str) -> None:
         root_signature, index, count, proof = _parse_batch(signature)
-        statement = _statement(count, _root_of(_leaf_hash(data), index, count, proof))
+        batch = (info.key_id, root_signature, count)
+        known = self._nodes.get(batch, {})
+        path, proven = _climb(_leaf_hash(data), index, count, proof, known)
+        if proven:
+            self._prove(batch, path)  # they lead to a proven node: proven too
+            return
+        statement = _statement(count, path[-1][1][0])
         cached = (info.key_id, root_signature, statement)
         valid = self._roots.get(cached)
         if valid is None:
@@ -238,6 +249,15 @@ class Verifier:
             raise SignatureError(
                 "signature does not match: the record or its batch proof was changed after signing"
             )
+        self._prove(batch, path)
+
+    def _prove(self, batch: tuple[str, bytes, int], path: list[tuple[Place, Proven]]) -> None:
+        known = self._nodes.get(batch)
+        if known is None or len(known) >= NODE_CACHE_SIZE:
+            if len(self._nodes) >= ROOT_CACHE_SIZE:
+                self._nodes.clear()
+            known = self._nodes[batch] = {}
+        known.update(path)
 
     def _verify_key(self, info: KeyInfo) -> VerifyKey:
         key = self._verify_keys.get(info.key_id)
@@ -343,10 +363,24 @@ def _path_length(index: int, count: int) -> int:
     return length
 
 
-def _root_of(leaf: bytes, index: int, count: int, proof: bytes) -> bytes:
-    """The root that ``proof`` (already of the right length) leads to from ``leaf``."""
-    node = leaf
-    offset = 0
+#: a node's place in a batch's tree, ``(level, position)``, and what was proven there:
+#: the node and the rest of the proof above it, which lead to the verified root
+Place = tuple[int, int]
+Proven = tuple[bytes, bytes]
+
+
+def _climb(
+    leaf: bytes, index: int, count: int, proof: bytes, known: dict[Place, Proven]
+) -> tuple[list[tuple[Place, Proven]], bool]:
+    """The nodes from ``leaf`` up the path that ``proof`` (already of the right length)
+    gives, each with its place and the rest of the proof above it, up to the root; and
+    whether the climb stopped early at a place where ``known`` holds the same node with the
+    same rest of the proof (which led to a verified root: the outcome is the same as that
+    of the whole climb, without its hashes)."""
+    node, level, offset = leaf, 0, 0
+    path = [((0, index), (leaf, proof))]
+    if known.get((0, index)) == path[0][1]:
+        return path, True
     while count > 1:
         if index ^ 1 < count:
             sibling = proof[offset : offset + _HASH_BYTES]
@@ -354,7 +388,12 @@ def _root_of(leaf: bytes, index: int, count: int, proof: bytes) -> bytes:
             node = _node_hash(sibling, node) if index & 1 else _node_hash(node, sibling)
         index >>= 1
         count = (count + 1) >> 1
-    return node
+        level += 1
+        step = ((level, index), (node, proof[offset:]))
+        path.append(step)
+        if known.get(step[0]) == step[1]:
+            return path, True
+    return path, False
 
 
 def _malformed(why: str) -> SignatureError:

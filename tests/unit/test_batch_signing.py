@@ -607,3 +607,47 @@ async def test_cli_batch_submit_signs_the_valid_lines_together(
         assert verify(status.to_intent(), verifier, role="coordinator")
     stats = await run(store, settings, clock)
     assert stats.succeeded == 4
+
+
+# -- paths already proven --------------------------------------------------------------
+
+
+def test_records_of_one_batch_share_the_hashes_of_their_common_path(
+    keyring: Keyring, signer: Signer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    signed = sign_many(unsigned(1000), signer)
+    hashes: list[bytes] = []
+    original = signing._node_hash
+
+    def counting(left: bytes, right: bytes) -> bytes:
+        hashes.append(left + right)
+        return original(left, right)
+
+    monkeypatch.setattr(signing, "_node_hash", counting)
+    verifier = keyring.verifier()
+    for record in signed[:64]:
+        verify(record, verifier)
+    shared = len(hashes)
+    hashes.clear()
+    for record in signed[:64]:
+        verify(record, keyring.verifier())
+    alone = len(hashes)
+    assert alone == 64 * 10  # a 1000-leaf tree is 10 levels high
+    # neighbours meet a proven node after one or two levels
+    assert shared < alone / 4
+
+
+def test_a_changed_proof_above_a_proven_node_fails_as_it_would_alone(
+    keyring: Keyring, signer: Signer
+) -> None:
+    signed = sign_many(unsigned(16), signer)
+    warm = keyring.verifier()
+    for record in signed[:8]:
+        verify(record, warm)
+    fields = parts(signed[1])
+    proof = bytearray(base64.b64decode(fields[4]))
+    proof[-1] ^= 1  # the last sibling: the root's other half, above every proven node
+    forged = with_signature(signed[1], joined(*fields[:4], base64.b64encode(bytes(proof)).decode()))
+    assert reason(forged, keyring.verifier()) == MISMATCH
+    assert reason(forged, warm) == MISMATCH
+    assert verify(signed[1], warm)  # the record with its own proof still passes
