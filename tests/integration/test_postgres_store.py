@@ -13,34 +13,16 @@ import psycopg
 import pytest
 
 from backends import fresh_postgres_url
-from farmhand.canonical import payload_hash
 from farmhand.clock import FakeClock
 from farmhand.contracts import Intent, IntentState
-from farmhand.contracts.base import utc
 from farmhand.errors import InvalidInput, InvalidTransition, StoreError
-from farmhand.ids import new_id
 from farmhand.store import Change, NewIntent, Store, open_store
 from farmhand.store.postgres import PostgresStore
 from farmhand.store.postgres_setup import latest_version, mask
 from farmhand.testing.servers import LocalPostgres
+from store_support import make_intent, put
 
 SECRET = "s3cret-pass"
-
-
-def make_intent(clock: FakeClock, key: str) -> Intent:
-    payload = {"key": key}
-    return Intent(
-        id=new_id("in"),
-        key=key,
-        kind="noop",
-        payload=payload,
-        payload_hash=payload_hash(payload),
-        created_at=utc(clock.now()),
-    )
-
-
-async def put(store: Store, intent: Intent) -> None:
-    await store.put_intents([NewIntent(intent, IntentState.PENDING, "agent:test")])
 
 
 @pytest.fixture
@@ -174,28 +156,31 @@ async def test_own_commits_count_once_and_idle_claims_not_at_all(pg: PostgresSto
     assert await pg.change_counter() == after_claim
 
 
-async def test_leases_taken_started_or_renewed_elsewhere_wake_no_one(
+async def test_leases_taken_started_renewed_or_ended_elsewhere_wake_no_one(
     pg: PostgresStore, db_url: str
 ) -> None:
     clock = FakeClock()
     other = await open_store(db_url, clock)
     try:
         before = await pg.change_counter()
-        await put(other, make_intent(clock, "k"))
+        await put(other, make_intent(clock, "a"), make_intent(clock, "b"))
         await pg.wait_for_change(before, 5.0)  # that submit's NOTIFY has arrived
         since = await pg.change_counter()
         assert since != before
-        (claim,) = await other.claim("ex_b", 10, 30.0, [])
-        (attempt,) = await other.start_attempts([claim.lease])
+        a, b = await other.claim("ex_b", 10, 30.0, [])
+        (attempt,) = await other.start_attempts([a.lease])
         assert attempt is not None
-        (lease,) = await other.renew([claim.lease], 30.0)
+        (lease,) = await other.renew([a.lease], 30.0)
         assert lease is not None
+        # an outcome, even the one that ends the last lease, makes nothing claimable
+        done = Change(a.intent.id, IntentState.SUCCEEDED, "ex_b", "succeed", token=lease.token)
+        assert await other.apply([done]) == [True]
         await pg.wait_for_change(since, 0.3)
         assert await pg.change_counter() == since
-        # the outcome ends the lease: that wakes waiters (a draining executor among them)
+        # a release does: that wakes waiters
         waiter = asyncio.create_task(pg.wait_for_change(since, 10.0))
-        done = Change(claim.intent.id, IntentState.SUCCEEDED, "ex_b", "succeed", token=lease.token)
-        assert await other.apply([done]) == [True]
+        back = Change(b.intent.id, IntentState.PENDING, "ex_b", "release", token=b.lease.token)
+        assert await other.apply([back]) == [True]
         await asyncio.wait_for(waiter, 5.0)
         assert await pg.change_counter() != since
     finally:

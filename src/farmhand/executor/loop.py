@@ -37,6 +37,9 @@ log = logging.getLogger("farmhand.executor")
 
 #: longest idle wait before re-reading gates and readiness
 IDLE_WAIT = 1.0
+#: how often a draining executor with nothing to claim looks whether its peers' leases
+#: have ended (a lease ending wakes no one: it makes nothing claimable)
+DRAIN_POLL = 0.05
 #: a call starts only if the lease has at least this share of its TTL left
 MIN_LEASE_SHARE = 0.5
 
@@ -178,7 +181,7 @@ class Executor:
         nothing_ready = readiness.next_ready_at is None or readiness.next_ready_at > now
         if self.drain and idle and nothing_ready:
             return False
-        timeout = IDLE_WAIT
+        timeout = DRAIN_POLL if self.drain and not self._held else IDLE_WAIT
         if readiness.next_ready_at is not None:
             timeout = min(timeout, max(0.0, readiness.next_ready_at - now))
         wake = self._limits.next_wake()

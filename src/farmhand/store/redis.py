@@ -450,9 +450,8 @@ class RedisStore:
     async def readiness(self, closed: Sequence[GateRule] = ()) -> Readiness:
         rules = _rules(closed)
         # straight after an empty claim with the same rules, its answer (once): whatever
-        # has since made something claimable (or ended a scope's last lease) moved the
-        # change counter, so an executor waiting on the counter it read before that claim
-        # still wakes for it
+        # has since made something claimable moved the change counter, so an executor
+        # waiting on the counter it read before that claim still wakes for it
         kept, self._link.ready = self._link.ready, None
         if (
             kept is not None

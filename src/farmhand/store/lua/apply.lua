@@ -110,10 +110,6 @@ end
 flush()
 for sc in pairs(acked) do
   trim(sc)
-  -- the last lease of a scope ended: a draining executor may be waiting for that
-  if redis.call('ZCARD', P .. 'l:' .. sc) == 0 then
-    changed = true
-  end
 end
 
 if ARGV[4] then

@@ -41,10 +41,10 @@ local changed = false
 -- (`changed`), bump the counter and leave its value n as the one entry 0-n of the wake
 -- stream that wait_for_change blocks on (XREAD), with the gate version (see gate.lua) so
 -- that a woken executor learns both without another read. What wakes: new intents, an
--- intent left pending or retry_wait, a scope's last lease ending (a draining executor
--- waits for that), gates, rate-limit and breaker rows. Taking, starting and renewing
--- leases and finishing one of several make nothing claimable, so they wake no one:
--- otherwise every idle executor would wake and claim in vain for each step of its peers.
+-- intent left pending or retry_wait, gates, rate-limit and breaker rows. Taking, starting
+-- and renewing leases and finishing one make nothing claimable, so they wake no one:
+-- otherwise every idle executor would wake and claim in vain for each step of its peers
+-- (a draining executor waiting for its peers' leases to end looks on its own).
 local function done()
   if changed then
     local n = redis.call('INCR', P .. 'changes')

@@ -1,20 +1,17 @@
--- farmhand PostgreSQL schema, version 4: an outcome wakes executors only when it matters,
--- and a gate change says that it is one.
+-- farmhand PostgreSQL schema, version 4: an outcome wakes executors only when it gives
+-- them work, and a gate change says that it is one.
 --
 -- Version 2 made every statement that left an intent in another state than running
 -- notify, and receipts notified too. So each finished call woke every other executor for
 -- a claim that found nothing: at 200 intents/s and two executors, half the claims and
 -- readiness reads were for nothing. What gives an executor work is an intent left pending
--- or retry_wait; what a draining executor waits for is the last lease ending. Only those
--- notify now. (An expiring lease is still found by the executors' readiness timer, and two
--- last leases ending at the same moment in two transactions may both miss the other: the
--- draining executor then looks again within its idle wait of a second.)
+-- or retry_wait; only that notifies now. (A draining executor that waits for the others'
+-- leases to end looks again on its own every 50 ms; an expiring lease is found by the
+-- executors' readiness timer, as before.)
 CREATE OR REPLACE FUNCTION farmhand_notify_unless_running() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF EXISTS (SELECT 1 FROM changed WHERE state IN ('pending', 'retry_wait'))
-       OR (EXISTS (SELECT 1 FROM changed WHERE state IS DISTINCT FROM 'running')
-           AND NOT EXISTS (SELECT 1 FROM intents WHERE state = 'running')) THEN
+    IF EXISTS (SELECT 1 FROM changed WHERE state IN ('pending', 'retry_wait')) THEN
         PERFORM pg_notify('farmhand', coalesce(current_setting('farmhand.writer', true), ''));
     END IF;
     RETURN NULL;
