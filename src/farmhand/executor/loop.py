@@ -187,14 +187,17 @@ class Executor:
         wake = self._limits.next_wake()
         if wake is not None:
             timeout = min(timeout, max(0.0, wake - now))
-        await self._wait(self.store.wait_for_change(since, timeout))
+        # a call of its own ending makes nothing claimable: only a draining executor, which
+        # may be done then, wakes for it
+        await self._wait(self.store.wait_for_change(since, timeout), slot=self.drain)
         return True
 
-    async def _wait(self, *waits: object) -> None:
-        """Wait for the first of ``waits``, a stop request or a freed slot."""
+    async def _wait(self, *waits: object, slot: bool = True) -> None:
+        """Wait for the first of ``waits``, a stop request or (with ``slot``) a freed slot."""
         tasks = [asyncio.ensure_future(w) for w in waits]  # type: ignore[call-overload]
         tasks.append(asyncio.ensure_future(self._stopping.wait()))
-        tasks.append(asyncio.ensure_future(self._slot_freed.wait()))
+        if slot:
+            tasks.append(asyncio.ensure_future(self._slot_freed.wait()))
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
