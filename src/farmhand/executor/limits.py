@@ -103,6 +103,8 @@ class Limits:
         #: a result waiting in _results must be recorded now (see SUCCESS_FLUSH)
         self._urgent = asyncio.Event()
         self._last_record = -SUCCESS_FLUSH
+        #: per kind and account: whether its calls take tokens, and its guard
+        self._guards: dict[tuple[str, str], tuple[bool, Guard]] = {}
         #: intents that entered a half-open breaker as its probe
         self._probes: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -177,23 +179,26 @@ class Limits:
         free: list[Claim] = []
         limited: list[Claim] = []
         for claim in claims:
-            account = self._settings.account(claim.intent.account)
-            request = ratelimit.buckets(claim.intent, account)
-            (limited if any(b.limit is not None for b in request) else free).append(claim)
+            (limited if self._scope(claim.intent)[0] else free).append(claim)
         return free, limited
 
     def guards(self, claims: Sequence[Claim]) -> list[Guard]:
         """What the store must find clear when it starts each of ``claims`` (unlimited
         buckets, see :meth:`split`): kill switch, the buckets' pauses, the breaker."""
-        out = []
-        for claim in claims:
-            intent = claim.intent
-            account = self._settings.account(intent.account)
-            names = tuple(b.name for b in ratelimit.buckets(intent, account))
-            out.append(
-                Guard(intent.kind, intent.account, names, breaker.key(intent.kind, intent.account))
-            )
-        return out
+        return [self._scope(claim.intent)[1] for claim in claims]
+
+    def _scope(self, intent: Intent) -> tuple[bool, Guard]:
+        """Whether a call for ``intent`` takes tokens, and its full guard (the settings do
+        not change while the executor runs: one answer per kind and account)."""
+        found = self._guards.get((intent.kind, intent.account))
+        if found is None:
+            request = ratelimit.buckets(intent, self._settings.account(intent.account))
+            names = tuple(b.name for b in request)
+            key = breaker.key(intent.kind, intent.account)
+            limited = any(b.limit is not None for b in request)
+            found = (limited, Guard(intent.kind, intent.account, names, key))
+            self._guards[(intent.kind, intent.account)] = found
+        return found
 
     async def admit(self, claims: Sequence[Claim]) -> tuple[list[Claim], list[Change]]:
         """Rate limit, then breaker, for claims about to start an attempt: those that may

@@ -16,8 +16,8 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Sequence
+from typing import Any, cast
 
 from redis.asyncio import Redis
 
@@ -349,7 +349,12 @@ class RedisStore:
 
     async def approvals(self, intent_id: str) -> list[Approval]:
         key = self._link.key(f"ap:{intent_id}")
-        found = await self._link.do(lambda c: c.lrange(key, 0, -1))
+
+        async def read(client: Redis) -> list[Any]:
+            # the asyncio client's command, typed for both clients
+            return await cast("Awaitable[list[Any]]", client.lrange(key, 0, -1))
+
+        found = await self._link.do(read)
         return [Approval.model_validate_json(body) for body in found]
 
     # -- rate limits and circuit breakers (redis_limits.py) -----------------------------
