@@ -56,8 +56,6 @@ from farmhand.store.limits_logic import quiet
 from farmhand.store.postgres_setup import Notifier, Target, connect, migrate, parse_url
 
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
-#: an empty claim this recent (seconds) answers the next readiness() with the same rules
-_READY_FRESH = 0.05
 #: longest a copy of the gates is used (seconds), however quiet the notifications
 _GATES_FRESH = 0.25
 #: seconds to wait for the pool's first connection, or for a free one
@@ -79,8 +77,6 @@ class PostgresStore:
         self._clock = clock
         self._pool: AsyncConnectionPool[Conn] | None = pool
         self._notifier = notifier
-        #: the readiness an empty claim read: (its gate filter, answer, monotonic time)
-        self._ready: tuple[tuple[str, ...], Readiness, float] | None = None
         #: the gates as last read: (the notifier's gate version then, rules, monotonic time)
         self._gates: tuple[int, list[GateRule], float] | None = None
 
@@ -244,17 +240,11 @@ class PostgresStore:
         if gate is None or limit <= 0:
             return []
         gate_sql, params = gate
-        claim_params = {"now": self._fixed(), "owner": owner, "limit": limit, "ttl": ttl}
-        # the readiness of the same scopes comes along in the same round trip: an executor
-        # whose claim finds nothing asks for it next (see readiness())
-        async with self._conn() as conn, conn.pipeline():
-            cur = await conn.execute(q.CLAIM.replace("{gate}", gate_sql), claim_params | params)
-            ready = await conn.execute(q.READINESS.replace("{gate}", gate_sql), params)
-            claimed = await cur.fetchall()
-            row = await ready.fetchone()
+        claimed = await self._rows(
+            q.CLAIM.replace("{gate}", gate_sql),
+            {"now": self._fixed(), "owner": owner, "limit": limit, "ttl": ttl, **params},
+        )
         self._changed(bool(claimed))
-        if not claimed and row is not None:
-            self._ready = ((gate_sql, *params.values()), conv.readiness(row), time.monotonic())
         return [conv.claim(row, owner) for row in claimed]
 
     async def start_attempts(
@@ -507,16 +497,6 @@ class PostgresStore:
         if gate is None:
             return Readiness(running=0, next_ready_at=None)
         gate_sql, params = gate
-        # straight after an empty claim with the same rules, its answer (once): whatever
-        # has since made something claimable moved the change counter, so an executor
-        # waiting on the counter it read before that claim still wakes for it
-        kept, self._ready = self._ready, None
-        if (
-            kept is not None
-            and kept[0] == (gate_sql, *params.values())
-            and time.monotonic() - kept[2] <= _READY_FRESH
-        ):
-            return kept[1]
         # leases under a closed gate cannot be taken over, so they are not counted: an
         # executor would otherwise spin on (or drain-wait for) an expired one forever
         (row,) = await self._rows(q.READINESS.replace("{gate}", gate_sql), params)
