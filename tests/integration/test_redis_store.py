@@ -333,6 +333,28 @@ async def test_idle_claims_and_reads_change_nothing(rs: RedisStore) -> None:
     assert await rs.change_counter() == before
 
 
+async def test_leases_and_outcomes_wake_no_one_releases_do(rs: RedisStore, url: str) -> None:
+    other = await open_store(url)
+    try:
+        await put(other, "a", "b")
+        since = await rs.change_counter()
+        a, b = await other.claim("ex_b", 10, 30, [])
+        (attempt,) = await other.start_attempts([a.lease])
+        assert attempt is not None
+        assert await other.renew([a.lease], 30) != [None]
+        # the outcome ends the scope's last lease but makes nothing claimable
+        assert await other.apply([succeed(a, 1)]) == [True]
+        await rs.wait_for_change(since, 0.3)
+        assert await rs.change_counter() == since
+        back = Change(b.intent.id, S.PENDING, "ex_b", "release", token=b.lease.token)
+        waiter = asyncio.ensure_future(rs.wait_for_change(since, 5.0))
+        assert await other.apply([back]) == [True]
+        await asyncio.wait_for(waiter, 1.0)
+        assert await rs.change_counter() != since
+    finally:
+        await other.close()
+
+
 # -- durability ---------------------------------------------------------------------------
 
 
