@@ -23,11 +23,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from farmhand.contracts import Intent
 from farmhand.errors import Forbidden, InvalidInput
+
+if TYPE_CHECKING:
+    # only annotations: reading farmhand.toml must not import pydantic (~100 ms), which
+    # e.g. `farmhand keys` never needs
+    from farmhand.contracts import Intent
 
 ANY = "*"
 

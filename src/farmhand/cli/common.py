@@ -5,7 +5,6 @@ Kept free of heavy imports: an agent calls the CLI once per action, so start-up 
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
 import sys
@@ -65,6 +64,8 @@ def actor_name(value: str | None) -> str:
     """The actor recorded in the audit log."""
     if value:
         return value
+    import getpass  # only commands that record an actor use it (not submit or executor)
+
     try:
         return getpass.getuser()
     except (KeyError, OSError):

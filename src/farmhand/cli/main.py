@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 error, 2 invalid input or usage, 3 idempotency conflict, 4 n
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import sys
@@ -15,21 +16,11 @@ from typing import Annotated
 # its first model, ~16 ms of each CLI call; set the variable to "" to load plugins anyway.
 os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from farmhand._version import __version__
-from farmhand.cli import (
-    approvals,
-    dlq,
-    doctor,
-    executor,
-    gate,
-    intents,
-    keys,
-    schema,
-    setup,
-    store,
-)
 from farmhand.errors import FarmhandError
 
 EXIT_CODES = (
@@ -38,8 +29,70 @@ EXIT_CODES = (
     "8 signature or key problem, 130 interrupted."
 )
 
+#: Every command and command group, in the order ``--help`` lists them: its module and the
+#: command function or typer app in it.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "init": ("farmhand.cli.setup", "init"),
+    "up": ("farmhand.cli.setup", "up"),
+    "submit": ("farmhand.cli.intents", "submit"),
+    "status": ("farmhand.cli.intents", "status"),
+    "list": ("farmhand.cli.intents", "list_"),
+    "receipts": ("farmhand.cli.intents", "receipts"),
+    "cancel": ("farmhand.cli.intents", "cancel"),
+    "resolve": ("farmhand.cli.intents", "resolve"),
+    "approve": ("farmhand.cli.approvals", "approve"),
+    "reject": ("farmhand.cli.approvals", "reject"),
+    "audit": ("farmhand.cli.intents", "audit"),
+    "schema": ("farmhand.cli.schema", "schema"),
+    "doctor": ("farmhand.cli.doctor", "doctor"),
+    "gate": ("farmhand.cli.gate", "app"),
+    "keys": ("farmhand.cli.keys", "app"),
+    "dlq": ("farmhand.cli.dlq", "app"),
+    "executor": ("farmhand.cli.executor", "app"),
+    "store": ("farmhand.cli.store", "app"),
+}
+
+
+def _build(name: str) -> click.Command:
+    """The click command for ``name``, made by typer as ``app.command``/``app.add_typer``
+    would have made it."""
+    module, attribute = COMMANDS[name]
+    target = getattr(importlib.import_module(module), attribute)
+    holder = typer.Typer(
+        add_completion=False,
+        rich_markup_mode=app.rich_markup_mode,
+        pretty_exceptions_short=app.pretty_exceptions_short,
+        suggest_commands=app.suggest_commands,
+    )
+    if isinstance(target, typer.Typer):
+        holder.add_typer(target, name=name)
+    else:
+        holder.command(name)(target)
+    return typer.main.get_group(holder).commands[name]
+
+
+class _LazyGroup(TyperGroup):
+    """The root group. Only the command being run is imported and built: typer turning
+    all of them into click commands, and importing their modules, cost ~40 ms a call."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = self.commands.get(cmd_name)
+        if command is None and cmd_name in COMMANDS:
+            command = _build(cmd_name)
+            self.add_command(command, cmd_name)
+        elif command is None:
+            # an unknown name: typer suggests close matches from every command it holds
+            for name in COMMANDS:
+                self.get_command(ctx, name)
+        return command
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+
 app = typer.Typer(
     name="farmhand",
+    cls=_LazyGroup,
     help="Intents in, receipts out: safe side effects for AI-agent farms.",
     epilog=EXIT_CODES,
     no_args_is_help=True,
@@ -65,30 +118,8 @@ def _root(
     """Intents in, receipts out: safe side effects for AI-agent farms."""
 
 
-app.command()(setup.init)
-app.command()(setup.up)
-app.command()(intents.submit)
-app.command()(intents.status)
-app.command("list")(intents.list_)
-app.command()(intents.receipts)
-app.command()(intents.cancel)
-app.command()(intents.resolve)
-app.command()(approvals.approve)
-app.command()(approvals.reject)
-app.command()(intents.audit)
-app.command()(schema.schema)
-app.command()(doctor.doctor)
-app.add_typer(gate.app, name="gate")
-app.add_typer(keys.app, name="keys")
-app.add_typer(dlq.app, name="dlq")
-app.add_typer(executor.app, name="executor")
-app.add_typer(store.app, name="store")
-
-
 def main() -> None:
     """Run the CLI; errors become one line on stderr and their exit code."""
-    import click
-
     try:
         code = app(prog_name="farmhand", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as exc:
