@@ -10,13 +10,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from farmhand.config import AccountConfig
-from farmhand.contracts import Attempt, Intent
 from farmhand.errors import InvalidInput
-from farmhand.secrets import Secret
 
 if TYPE_CHECKING:
+    # annotations only: submitting an intent never loads the executor's secrets module
     from pydantic import BaseModel, ValidationError
+
+    from farmhand.config import AccountConfig
+    from farmhand.contracts import Attempt, Intent
+    from farmhand.secrets import Secret
 
 
 @dataclass(frozen=True, slots=True)
