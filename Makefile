@@ -34,6 +34,7 @@ test: servers lint typecheck
 	$(BIN)/python -m pytest
 
 bench: $(STAMP) servers
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python benchmarks/bench_sqlite.py
 	$(BIN)/python benchmarks/bench_servers.py
 
