@@ -1,7 +1,5 @@
 """Approvals: an approver's signed decision on one intent's exact payload, for a limited time."""
 
-from __future__ import annotations
-
 from datetime import datetime
 from enum import StrEnum
 from typing import ClassVar

@@ -1,7 +1,5 @@
 """The base every wire contract shares: frozen, JSON-serialisable, versioned."""
 
-from __future__ import annotations
-
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 

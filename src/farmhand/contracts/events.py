@@ -1,7 +1,5 @@
 """Audit events and kill-switch (gate) rules."""
 
-from __future__ import annotations
-
 from datetime import datetime
 from typing import Any, ClassVar
 

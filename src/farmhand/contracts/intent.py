@@ -1,10 +1,8 @@
 """The intent: an agent's request for one side effect, immutable once accepted."""
 
-from __future__ import annotations
-
 import re
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from pydantic import Field, field_validator, model_validator
 
@@ -58,7 +56,7 @@ class Intent(Contract):
         return check_key(key)
 
     @model_validator(mode="after")
-    def _integrity(self) -> Intent:
+    def _integrity(self) -> Self:
         actual = payload_hash(self.payload)
         if actual != self.payload_hash:
             raise ValueError(f"payload_hash {self.payload_hash} does not match payload ({actual})")

@@ -1,7 +1,5 @@
 """Receipts and attempts: the append-only record of what an executor did."""
 
-from __future__ import annotations
-
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, ClassVar
