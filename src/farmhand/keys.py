@@ -173,6 +173,8 @@ class Keyring:
     def __init__(self, directory: Path, clock: Clock | None = None) -> None:
         self.directory = Path(directory)
         self._clock = clock
+        #: the public keys and revocations as last read, and the files they were read from
+        self._read: tuple[tuple[object, ...], list[KeyInfo]] | None = None
 
     @property
     def private_dir(self) -> Path:
@@ -306,10 +308,42 @@ class Keyring:
         return Signer(info.key_id, owner, seed, public, source=str(path))
 
     def verifier(self) -> Verifier:
-        """Every trusted public key and every revocation, read now and kept."""
-        return Verifier(self.keys())
+        """Every trusted public key and every revocation as they are now, kept.
+
+        The files are read again only when one was added, removed or changed since the last
+        call (their names, sizes, times and inodes tell): an executor asks for a verifier
+        per batch, so that a key revoked a moment ago already fails, and reading and
+        parsing every key file cost more than the rest of a one-intent batch.
+        """
+        files = self._files()
+        if self._read is None or self._read[0] != files:
+            self._read = (files, self.keys())
+        return Verifier(self._read[1])
 
     # -- helpers -----------------------------------------------------------------------
+
+    def _files(self) -> tuple[object, ...]:
+        """What identifies the current version of every public key and revocation file."""
+        found: list[object] = []
+        for directory in (self.public_dir, self.revoked_dir):
+            try:
+                with os.scandir(directory) as entries:
+                    for entry in entries:
+                        info = entry.stat()
+                        found.append(
+                            (
+                                directory.name,
+                                entry.name,
+                                info.st_mtime_ns,
+                                info.st_size,
+                                info.st_ino,
+                            )
+                        )
+            except FileNotFoundError:
+                found.append((directory.name, None))
+            except OSError as exc:
+                raise FarmhandError(f"cannot read key directory {directory}: {exc}") from exc
+        return tuple(sorted(found, key=repr))
 
     def _signing_key(self, owner: str) -> KeyInfo | None:
         check_owner(owner)

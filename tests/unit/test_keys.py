@@ -284,3 +284,30 @@ assert "nacl" in sys.modules
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_verifier_reads_the_files_again_only_when_one_changed(
+    keyring: Keyring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = keyring.generate("coordinator")
+    reads: list[Path] = []
+    original = Keyring._read_public
+
+    def counting(self: Keyring, path: Path) -> KeyInfo:
+        reads.append(path)
+        return original(self, path)
+
+    monkeypatch.setattr(Keyring, "_read_public", counting)
+    assert first.key_id in keyring.verifier()
+    assert len(reads) == 1
+    for _ in range(3):
+        assert first.key_id in keyring.verifier()
+    assert len(reads) == 1  # nothing changed: nothing read
+    # a revocation a moment ago is seen by the next verifier
+    keyring.revoke(first.key_id, actor="ops", reason="lost laptop")
+    assert [k.revoked for k in keyring.verifier().keys] == [True]
+    # so is a new key, and a key file removed
+    second = keyring.generate("coordinator")
+    assert {k.key_id for k in keyring.verifier().keys} == {first.key_id, second.key_id}
+    (keyring.public_dir / f"{second.key_id}.json").unlink()
+    assert second.key_id not in keyring.verifier()
