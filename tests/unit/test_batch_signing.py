@@ -56,17 +56,6 @@ def unsigned(count: int, prefix: str = "k") -> list[Intent]:
 
 
 @pytest.fixture
-def keyring(tmp_path: Path) -> Keyring:
-    return Keyring(tmp_path / "keys")
-
-
-@pytest.fixture
-def signer(keyring: Keyring) -> Signer:
-    keyring.generate("coordinator")
-    return keyring.signer("coordinator")
-
-
-@pytest.fixture
 def ed25519_calls(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     """The messages every Ed25519 verification (VerifyKey.verify) is asked to check."""
     calls: list[bytes] = []

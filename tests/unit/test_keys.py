@@ -19,11 +19,6 @@ from farmhand.keys import KeyInfo, Keyring, key_id_for
 from farmhand.signing import KeyMissing, SignatureError
 
 
-@pytest.fixture
-def keyring(tmp_path: Path) -> Keyring:
-    return Keyring(tmp_path / "keys")
-
-
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 

@@ -31,17 +31,6 @@ def build_intent(**overrides: Any) -> Intent:
     return Coordinator(store=None).build_intent(request)  # type: ignore[arg-type]
 
 
-@pytest.fixture
-def keyring(tmp_path: Path) -> Keyring:
-    return Keyring(tmp_path / "keys")
-
-
-@pytest.fixture
-def signer(keyring: Keyring) -> Signer:
-    keyring.generate("coordinator")
-    return keyring.signer("coordinator")
-
-
 def reason(record: Contract, verifier: Verifier, **kwargs: Any) -> str:
     with pytest.raises(SignatureError) as caught:
         verify(record, verifier, **kwargs)
