@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from farmhand.config import BreakerConfig
 from farmhand.errors import StoreError
@@ -29,6 +29,13 @@ _MAX_TRIES = 64
 #: on the server's clock, a decision older than this (seconds) is made again, for the first
 #: few tries; then it is taken as it is, so that a starved process still makes progress
 _FRESH, _FRESH_TRIES = 0.05, 4
+
+T = TypeVar("T")
+#: what a decision returns: the answer, the rows to write (name -> encoded row; none: write
+#: nothing) and the audit events to append with them
+Decision = tuple[T, dict[str, str], Sequence[logic.AuditNote]]
+#: decides on the rows read (name -> encoded row) at the store clock's ``now``
+Decide = Callable[[float, dict[str, str]], Decision[T]]
 
 
 def _bucket(raw: str) -> logic.BucketRow:
@@ -88,6 +95,20 @@ class RedisLimits:
             # many executors racing for one row: spread them out a little
             await asyncio.sleep(self._rng.uniform(0, 0.001 * tries))
 
+    async def _update(self, table: str, names: Sequence[str], actor: str, decide: Decide[T]) -> T:
+        """Read the rows ``names`` of ``table``, let ``decide`` answer and say what to write,
+        and write it unless a row changed meanwhile; else read and decide again."""
+        tries = 0
+        while True:
+            now, seen = await self._read(table, names)
+            out, writes, notes = decide(now, seen)
+            if not writes:
+                return out
+            if await self._swap(table, names, seen, writes, now, actor, notes, tries):
+                return out
+            tries += 1
+            await self._backoff(tries)
+
     # -- buckets ----------------------------------------------------------------------
 
     async def take(self, requests: Sequence[Sequence[Bucket]]) -> list[Throttle]:
@@ -96,18 +117,13 @@ class RedisLimits:
         names = list(dict.fromkeys(b.name for request in items for b in request))
         if not names:
             return [Throttle() for _ in items]
-        tries = 0
-        while True:
-            now, seen = await self._read("buckets", names)
+
+        def decide(now: float, seen: dict[str, str]) -> Decision[list[Throttle]]:
             rows = {name: _bucket(raw) for name, raw in seen.items()}
             out, changed = logic.take(items, rows, now)
-            if not changed:
-                return out
-            writes = {name: _encode(rows[name]) for name in changed}
-            if await self._swap("buckets", names, seen, writes, now, "", (), tries):
-                return out
-            tries += 1
-            await self._backoff(tries)
+            return out, {name: _encode(rows[name]) for name in changed}, ()
+
+        return await self._update("buckets", names, "", decide)
 
     async def peek(self, buckets: Sequence[Bucket]) -> Throttle:
         """See :meth:`farmhand.store.base.Store.peek`."""
@@ -119,19 +135,15 @@ class RedisLimits:
 
     async def pause(self, bucket: str, until: float, reason: str, actor: str) -> float:
         """See :meth:`farmhand.store.base.Store.pause`."""
-        tries = 0
-        while True:
-            now, seen = await self._read("buckets", [bucket])
+
+        def decide(now: float, seen: dict[str, str]) -> Decision[float]:
             tat, current, _ = _bucket(seen[bucket]) if bucket in seen else logic.NO_BUCKET
             end, note = logic.pause(current, bucket, until, reason, now)
             if end == current:
-                return current
-            writes = {bucket: _encode((tat, end, reason))}
-            notes = [note] if note is not None else []
-            if await self._swap("buckets", [bucket], seen, writes, now, actor, notes, tries):
-                return end
-            tries += 1
-            await self._backoff(tries)
+                return current, {}, ()
+            return end, {bucket: _encode((tat, end, reason))}, [note] if note is not None else []
+
+        return await self._update("buckets", [bucket], actor, decide)
 
     # -- breakers ---------------------------------------------------------------------
 
@@ -143,18 +155,13 @@ class RedisLimits:
         names = list(dict.fromkeys(key for key, _ in items))
         if not names:
             return []
-        tries = 0
-        while True:
-            now, seen = await self._read("breakers", names)
+
+        def decide(now: float, seen: dict[str, str]) -> Decision[list[BreakerStatus]]:
             rows = {name: _breaker(raw) for name, raw in seen.items()}
             out, saves, notes = logic.breaker_enter(items, rows, now, probe_ttl)
-            if not saves:
-                return out
-            writes = {name: _encode(row) for name, row in saves.items()}
-            if await self._swap("breakers", names, seen, writes, now, actor, notes, tries):
-                return out
-            tries += 1
-            await self._backoff(tries)
+            return out, {name: _encode(row) for name, row in saves.items()}, notes
+
+        return await self._update("breakers", names, actor, decide)
 
     async def breaker_record(
         self, results: Sequence[BreakerResult], config: BreakerConfig, actor: str
@@ -164,18 +171,13 @@ class RedisLimits:
         names = list(dict.fromkeys(r.key for r in items))
         if not names:
             return {}
-        tries = 0
-        while True:
-            now, seen = await self._read("breakers", names)
+
+        def decide(now: float, seen: dict[str, str]) -> Decision[dict[str, BreakerStatus]]:
             rows = {name: _breaker(raw) for name, raw in seen.items()}
             out, saves, notes = logic.breaker_record(items, rows, now, config)
-            if not saves:
-                return out
-            writes = {name: _encode(row) for name, row in saves.items()}
-            if await self._swap("breakers", names, seen, writes, now, actor, notes, tries):
-                return out
-            tries += 1
-            await self._backoff(tries)
+            return out, {name: _encode(row) for name, row in saves.items()}, notes
+
+        return await self._update("breakers", names, actor, decide)
 
     async def breaker_peek(self, key: str) -> BreakerStatus:
         """See :meth:`farmhand.store.base.Store.breaker_peek`."""
