@@ -481,3 +481,34 @@ async def test_live_lease_of_another_executor_is_left_alone(
     stats = await asyncio.wait_for(task, RUN_LIMIT)
     assert (stats.claimed, stats.calls) == (0, 0)
     assert connector.calls == []
+
+
+async def test_unlimited_account_starts_with_one_guarded_round_trip(
+    store: Store, settings: Settings, clock: FakeClock, coordinator: Coordinator
+) -> None:
+    for i in range(3):
+        await submit(coordinator, key=f"k{i}")
+    calls: list[tuple[str, tuple[Any, ...]]] = []
+    for name in ("claim", "take", "breaker_enter", "start_attempts", "gates"):
+        original = getattr(store, name)
+
+        async def counting(*args: Any, _name: str = name, _original: Any = original) -> Any:
+            calls.append((_name, args))
+            return await _original(*args)
+
+        setattr(store, name, counting)
+    stats = await run(store, settings, clock, CountingNoop())
+    assert stats.succeeded == 3
+    names = [name for name, _ in calls]
+    # no token to take, the breaker checked by the start itself: one guarded start, right
+    # after the claim (no second look at the gates in between)
+    assert "take" not in names
+    assert "breaker_enter" not in names
+    assert names.count("start_attempts") == 1
+    at = names.index("start_attempts")
+    assert names[at - 1] == "claim"
+    leases, guards = calls[at][1]
+    assert len(leases) == 3
+    assert {(g.kind, g.account, g.buckets, g.breaker) for g in guards} == {
+        ("noop", "default", ("account:default",), "noop:default")
+    }
