@@ -245,14 +245,16 @@ class Executor:
         if to_start:
             # no token to take: the store checks pauses and breaker with the start itself
             fast, limited = self._limits.split(to_start)
-            started = await self._start(fast, self._limits.guards(fast), gated)
-            slow = limited + [claim for claim, held in started if held]
-            if slow:
+            held_back, gated = await self._start(fast, self._limits.guards(fast))
+            if slow := limited + held_back:
                 # rate limit, then breaker: what must wait goes back to pending, no attempt
                 # spent; the rest start, the kill switch still checked by the store
                 go, held = await self._limits.admit(slow)
                 refusals += held
-                await self._start(go, [Guard(c.intent.kind, c.intent.account) for c in go], gated)
+                _, closed_late = await self._start(
+                    go, [Guard(c.intent.kind, c.intent.account) for c in go]
+                )
+                gated += closed_late
         if gated:
             # closed after the claim: read the gates again for the reason
             closed = gates.closed(await self.store.gates())
@@ -264,28 +266,25 @@ class Executor:
             await self._finish_many(refusals)
 
     async def _start(
-        self, claims: Sequence[Claim], guards: Sequence[Guard], gated: list[Claim]
-    ) -> list[tuple[Claim, bool]]:
-        """Start the attempts of ``claims`` and spawn their calls. Claims a closed gate held
-        go to ``gated``; the rest come back with whether a pause or breaker held them."""
+        self, claims: Sequence[Claim], guards: Sequence[Guard]
+    ) -> tuple[list[Claim], list[Claim]]:
+        """Start the attempts of ``claims`` and spawn their calls; the claims a pause or a
+        breaker held back, and those a closed gate held."""
+        held_back: list[Claim] = []
+        gated: list[Claim] = []
         if not claims:
-            return []
+            return held_back, gated
         started = await self.store.start_attempts([c.lease for c in claims], guards)
-        out: list[tuple[Claim, bool]] = []
         for claim, attempt in zip(claims, started, strict=True):
             if attempt is None:
                 log.warning("lease on %s lost before its attempt started", claim.intent.id)
                 self._release(claim.intent.id, claim.lease.token)
             elif isinstance(attempt, Held):
-                if attempt.by == "gate":
-                    gated.append(claim)
-                else:
-                    out.append((claim, True))
+                (gated if attempt.by == "gate" else held_back).append(claim)
             else:
                 self._held[claim.intent.id].started = True
                 self._spawn(self._call(claim, attempt))
-                out.append((claim, False))
-        return out
+        return held_back, gated
 
     @staticmethod
     def _gated(claim: Claim, rule: GateRule | None, now: float) -> Change:
