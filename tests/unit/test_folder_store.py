@@ -14,55 +14,23 @@ import random
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from farmhand import secrets
-from farmhand.canonical import payload_hash
 from farmhand.clock import FakeClock
 from farmhand.config import Settings
-from farmhand.contracts import GateRule, Intent, IntentState, Outcome, Receipt
+from farmhand.contracts import IntentState, Outcome
 from farmhand.contracts.base import utc
 from farmhand.errors import InvalidInput, StoreError
-from farmhand.ids import new_id
-from farmhand.store import Change, Claim, IntentQuery, NewIntent, folder_journal, open_store
+from farmhand.store import Change, IntentQuery, NewIntent, folder_journal, open_store
 from farmhand.store.folder import FolderStore
 from farmhand.store.folder_files import sync_debris
 from farmhand.store.folder_journal import node_id, parse_url
+from store_support import gate, make_intent, receipt_for
 
 S = IntentState
 TTL = 30.0
-
-
-def make_intent(clock: FakeClock, key: str, payload: dict[str, Any] | None = None) -> Intent:
-    payload = {"key": key} if payload is None else payload
-    return Intent(
-        id=new_id("in"),
-        key=key,
-        kind="noop",
-        payload=payload,
-        payload_hash=payload_hash(payload),
-        created_at=utc(clock.now()),
-    )
-
-
-def gate(clock: FakeClock, kind: str | None = None, account: str | None = None) -> GateRule:
-    return GateRule(
-        kind=kind, account=account, open=False, actor="ops", changed_at=utc(clock.now())
-    )
-
-
-def receipt_for(claim: Claim, attempt: int, outcome: Outcome, clock: FakeClock) -> Receipt:
-    return Receipt(
-        id=new_id("rc"),
-        intent_id=claim.intent.id,
-        attempt=attempt,
-        outcome=outcome,
-        executor=claim.lease.owner,
-        fencing_token=claim.lease.token,
-        finished_at=utc(clock.now()),
-    )
 
 
 def record_files(root: Path) -> list[Path]:
