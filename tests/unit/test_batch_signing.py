@@ -28,7 +28,7 @@ from farmhand import signing
 from farmhand.canonical import payload_hash
 from farmhand.clock import FakeClock
 from farmhand.config import Settings
-from farmhand.contracts import Contract, Intent, IntentState
+from farmhand.contracts import Intent, IntentState
 from farmhand.coordinator import Coordinator, SubmitRequest, Submitted
 from farmhand.keys import Keyring
 from farmhand.signing import (
@@ -42,6 +42,7 @@ from farmhand.signing import (
     verify,
 )
 from farmhand.store import Store
+from signing_support import reason
 from store_support import run
 
 FARMHAND = str(Path(sys.executable).with_name("farmhand"))
@@ -67,14 +68,6 @@ def ed25519_calls(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
 
     monkeypatch.setattr(VerifyKey, "verify", counting)
     return calls
-
-
-def reason(record: Contract, verifier: Verifier, **kwargs: Any) -> str:
-    with pytest.raises(SignatureError) as caught:
-        verify(record, verifier, **kwargs)
-    assert caught.value.exit_code == 8
-    assert "\n" not in str(caught.value)
-    return str(caught.value)
 
 
 def with_signature(record: Intent, signature: str) -> Intent:

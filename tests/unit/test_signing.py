@@ -23,20 +23,13 @@ from farmhand.signing import (
     signing_bytes,
     verify,
 )
+from signing_support import reason
 
 
 def build_intent(**overrides: Any) -> Intent:
     fields: dict[str, Any] = {"kind": "noop", "key": "k", "payload": {}, **overrides}
     request = SubmitRequest(**fields)
     return Coordinator(store=None).build_intent(request)  # type: ignore[arg-type]
-
-
-def reason(record: Contract, verifier: Verifier, **kwargs: Any) -> str:
-    with pytest.raises(SignatureError) as caught:
-        verify(record, verifier, **kwargs)
-    assert caught.value.exit_code == 8
-    assert "\n" not in str(caught.value)
-    return str(caught.value)
 
 
 def test_round_trip(keyring: Keyring, signer: Signer) -> None:
