@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from farmhand.errors import StoreError
+from farmhand.store import sql
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +83,7 @@ def _sqlite_version(path: Path) -> int:
 
 
 def _sqlite_latest() -> int:
-    folder = resources.files("farmhand.store.sql.sqlite")
-    return max(int(e.name[:4]) for e in folder.iterdir() if e.name.endswith(".sql"))
+    return sql.migrations("sqlite")[-1][0]
 
 
 async def _sqlite(url: str) -> MigrationReport:

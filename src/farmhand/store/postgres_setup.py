@@ -8,7 +8,6 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
@@ -16,6 +15,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from farmhand.errors import InvalidInput, StoreError
+from farmhand.store import sql
 
 log = logging.getLogger("farmhand.store.postgres")
 
@@ -167,13 +167,7 @@ async def connect(target: Target) -> Conn:
 
 def migrations() -> list[tuple[int, str]]:
     """Every schema migration, ``(version, script)``, oldest first."""
-    folder = resources.files("farmhand.store.sql.postgres")
-    found = []
-    for entry in folder.iterdir():
-        name = entry.name
-        if name.endswith(".sql") and name[:4].isdigit():
-            found.append((int(name[:4]), entry.read_text(encoding="utf-8")))
-    return sorted(found)
+    return sql.migrations("postgres")
 
 
 def latest_version() -> int:

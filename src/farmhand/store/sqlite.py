@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,6 +35,7 @@ from farmhand.contracts import (
 from farmhand.contracts.base import utc
 from farmhand.contracts.state import allowed
 from farmhand.errors import InvalidTransition, StoreError
+from farmhand.store import sql
 from farmhand.store import sqlite_limits as limits
 from farmhand.store.base import (
     BreakerResult,
@@ -71,16 +71,6 @@ _LEASED = "intents INDEXED BY intents_leased WHERE state = 'running'"
 #: longest wait for the write lock before giving up
 _LOCK_TIMEOUT = 30.0
 _MIN_POLL, _MAX_POLL = 0.001, 0.010
-
-
-def _migrations() -> list[tuple[int, str]]:
-    folder = resources.files("farmhand.store.sql.sqlite")
-    found = []
-    for entry in folder.iterdir():
-        name = entry.name
-        if name.endswith(".sql") and name[:4].isdigit():
-            found.append((int(name[:4]), entry.read_text(encoding="utf-8")))
-    return sorted(found)
 
 
 def _while_locked(action: Callable[[], object]) -> None:
@@ -186,7 +176,7 @@ class SQLiteStore:
         self._migrate(db)
 
     def _migrate(self, db: sqlite3.Connection) -> None:
-        migrations = _migrations()
+        migrations = sql.migrations("sqlite")
         latest = migrations[-1][0]
         current = int(db.execute("PRAGMA user_version").fetchone()[0])
         if current > latest:
