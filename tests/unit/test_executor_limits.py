@@ -6,20 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import random
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from farmhand.clock import FakeClock
 from farmhand.config import AccountConfig, BreakerConfig, Limit, Settings
-from farmhand.connectors import Call, Failed, Result
+from farmhand.connectors import Call, Failed, Result, Succeeded
 from farmhand.connectors.noop import NoopConnector
 from farmhand.contracts import IntentState
 from farmhand.coordinator import Coordinator, SubmitRequest
-from farmhand.executor import Executor, ExecutorStats
+from farmhand.executor import Executor, ExecutorStats, limits
 from farmhand.keys import Keyring
 from farmhand.store import Store, open_store
-from store_support import CountingNoop, connector_set, run, status
+from store_support import CountingNoop, connector_set, make_intent, put, run, status
 
 S = IntentState
 
@@ -280,3 +283,40 @@ async def test_limited_backlog_is_not_claimed_and_released_over_and_over(
     finally:
         for s in stores:
             await s.close()
+
+
+async def test_successes_wait_for_the_next_write_failures_do_not(
+    store: Store, settings: Settings, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # long enough that only a failure (or closing) can write the waiting successes
+    monkeypatch.setattr(limits, "SUCCESS_FLUSH", 30.0)
+    await put(store, *(make_intent(clock, f"k{i}") for i in range(4)))
+    first, second, third, failing = await store.claim("ex_a", 10, 30.0, [])
+    recorded: list[list[tuple[str, bool]]] = []
+    original = store.breaker_record
+
+    async def counting(results: Any, config: BreakerConfig, actor: str) -> Any:
+        recorded.append([(r.ticket, r.ok) for r in results])
+        return await original(results, config, actor)
+
+    monkeypatch.setattr(store, "breaker_record", counting)
+    shared = limits.Limits(store, settings, "ex_a", clock, random.Random(), ttl=30.0)
+    ok = Succeeded(external_id="x")
+    shared.observe(first, ok)
+    await asyncio.sleep(0.05)
+    assert recorded == [[(first.intent.id, True)]]  # the first write is not held back
+    shared.observe(second, ok)
+    shared.observe(third, ok)
+    await asyncio.sleep(0.05)
+    assert len(recorded) == 1  # successes wait
+    shared.observe(failing, Failed(error="HTTP 503", retryable=True))
+    await asyncio.sleep(0.05)
+    # the failure goes at once, after the successes before it, in order
+    assert recorded[1] == [
+        (second.intent.id, True),
+        (third.intent.id, True),
+        (failing.intent.id, False),
+    ]
+    shared.observe(first, ok)
+    await shared.aclose()  # closing writes what still waits
+    assert recorded[2] == [(first.intent.id, True)]
