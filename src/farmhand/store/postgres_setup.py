@@ -273,8 +273,10 @@ class Notifier:
         self._conn = conn
         self._task = asyncio.create_task(self._listen(), name="farmhand-pg-listen")
 
-    def bump(self) -> None:
-        """Count one change and wake every waiter."""
+    def bump(self, gates: bool = False) -> None:
+        """Count one change (with ``gates``, a gate change too) and wake every waiter."""
+        if gates:
+            self.gates += 1
         self.counter += 1
         self._changed.set()
         self._changed = asyncio.Event()
@@ -296,23 +298,19 @@ class Notifier:
                 if conn is None or conn.closed:
                     conn = self._conn = await self._reconnect()
                     await conn.execute(f"LISTEN {CHANNEL}")
-                    self.gates += 1
-                    self.bump()  # whatever was sent while nobody listened
+                    self.bump(gates=True)  # whatever was sent while nobody listened
                     pause = 0.1
                 async for notice in conn.notifies():
-                    if notice.payload == GATES:
-                        self.gates += 1
-                        self.bump()
-                    elif notice.payload != self.writer:
-                        self.bump()
+                    # a gate change's payload names no writer: it counts for this one too
+                    if notice.payload != self.writer:
+                        self.bump(gates=notice.payload == GATES)
             # whatever broke it (a lost connection, a failed reconnect), the source of
             # wake-ups must come back: executors would otherwise only poll
             except Exception as exc:
                 log.warning("PostgreSQL change listener lost its connection: %s", exc)
                 if conn is not None:
                     await conn.close()
-                self.gates += 1
-                self.bump()
+                self.bump(gates=True)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 5.0)
 
