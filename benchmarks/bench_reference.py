@@ -117,6 +117,11 @@ def unique_name(queue: str) -> str:
     return f"bench_ref_{queue}_{os.getpid()}_{next(_serial)}"
 
 
+# children_cpu and tail repeat bench_sqlite.py's on purpose: the reference queues' workers
+# import this module, and importing bench_sqlite (sqlite3, multiprocessing, ...) would add to
+# their start-up, which their drain time counts
+
+
 def children_cpu() -> float:
     """User + system CPU seconds of every child process reaped so far."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
