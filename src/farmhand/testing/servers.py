@@ -177,10 +177,6 @@ class LocalPostgres(_Server):
         _wait_for_port(self.port, None, "PostgreSQL")
         return self
 
-    def database_url(self, name: str) -> str:
-        """The URL of database ``name`` on this server."""
-        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{name}"
-
     def stop(self) -> None:
         """Stop the server (fast shutdown) and remove its directory."""
         data = self._root / "data"
