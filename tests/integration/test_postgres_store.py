@@ -187,6 +187,26 @@ async def test_leases_taken_started_renewed_or_ended_elsewhere_wake_no_one(
         await other.close()
 
 
+async def test_its_own_leases_and_outcomes_do_not_wake_this_store(pg: PostgresStore) -> None:
+    # an executor that claims, starts and finishes must not wake itself for a claim that
+    # finds nothing; its own release must (it gave work back)
+    clock = FakeClock()
+    await put(pg, make_intent(clock, "a"), make_intent(clock, "b"))
+    await asyncio.sleep(0.2)  # the NOTIFY of that commit has come back by now
+    since = await pg.change_counter()
+    a, b = await pg.claim("ex_a", 10, 30.0, [])
+    (attempt,) = await pg.start_attempts([a.lease])
+    assert attempt is not None
+    (lease,) = await pg.renew([a.lease], 30.0)
+    assert lease is not None
+    done = Change(a.intent.id, IntentState.SUCCEEDED, "ex_a", "succeed", token=lease.token)
+    assert await pg.apply([done]) == [True]
+    assert await pg.change_counter() == since
+    back = Change(b.intent.id, IntentState.PENDING, "ex_a", "release", token=b.lease.token)
+    assert await pg.apply([back]) == [True]
+    assert await pg.change_counter() != since
+
+
 async def test_a_version_1_database_is_upgraded_in_place(
     postgres_server: LocalPostgres | str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

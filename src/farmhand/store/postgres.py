@@ -58,6 +58,8 @@ from farmhand.store.postgres_setup import Notifier, Target, connect, migrate, pa
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 #: longest a copy of the gates is used (seconds), however quiet the notifications
 _GATES_FRESH = 0.25
+#: the states an outcome leaves an intent in that give an executor work
+_GIVES_WORK = frozenset({IntentState.PENDING, IntentState.RETRY_WAIT})
 #: seconds to wait for the pool's first connection, or for a free one
 _POOL_TIMEOUT = 30.0
 
@@ -173,6 +175,9 @@ class PostgresStore:
             await conn.execute(sql, params)
 
     def _changed(self, wrote: bool) -> None:
+        # only for writes that may give an executor work, as the NOTIFY triggers decide
+        # (migration 0004): taking, starting, renewing or ending a lease wakes no one, not
+        # even the executor in this process that made it
         if wrote:
             self._notifier.bump()
 
@@ -244,7 +249,6 @@ class PostgresStore:
             q.CLAIM.replace("{gate}", gate_sql),
             {"now": self._fixed(), "owner": owner, "limit": limit, "ttl": ttl, **params},
         )
-        self._changed(bool(claimed))
         return [conv.claim(row, owner) for row in claimed]
 
     async def start_attempts(
@@ -280,7 +284,6 @@ class PostgresStore:
                         started_at=utc(at),
                     )
                 )
-        self._changed(any(isinstance(a, Attempt) for a in out))
         return out
 
     @staticmethod
@@ -300,7 +303,6 @@ class PostgresStore:
         records = [{"id": intent_id, "token": token} for intent_id, token in pairs]
         renewed = await self._rows(q.RENEW, (self._fixed(), ttl, conv.records(records)))
         expiry = {(intent_id, token): utc(expires) for intent_id, token, expires in renewed}
-        self._changed(bool(renewed))
         out: list[Lease | None] = []
         for lease in leases:
             expires = expiry.get((lease.intent_id, lease.token))
@@ -314,7 +316,9 @@ class PostgresStore:
             return []
         async with self._conn() as conn:
             applied = await self._apply_in(conn, changes)
-        self._changed(any(applied))
+        self._changed(
+            any(ok and c.to_state in _GIVES_WORK for ok, c in zip(applied, changes, strict=True))
+        )
         return applied
 
     async def _apply_in(self, conn: Conn, changes: Sequence[Change]) -> list[bool]:
