@@ -8,9 +8,12 @@ Per backend:
    server with 2 worker processes claiming batches of B: plain SQL ``FOR UPDATE SKIP
    LOCKED`` claim + ``UPDATE … done`` on PostgreSQL, plain ``XADD``/``XREADGROUP``/``XACK``
    on Redis;
-2. the best existing queue on that server, drained the same way in the same run
+2. the store's floor: the same intents drained by 2 processes that only drive the store
+   contract (claim, start the attempts, write the receipts; no signature, policy, limits or
+   calls), i.e. what the durable writes alone cost, below which no executor can go;
+3. the best existing queue on that server, drained the same way in the same run
    (``bench_reference.py``: PgQueuer on PostgreSQL, huey on Redis), when installed;
-3. latency: submit -> receipt at a fixed offered rate (one submit per intent, absolute
+4. latency: submit -> receipt at a fixed offered rate (one submit per intent, absolute
    schedule) with 2 long-running executors, against the raw queue fed the same way and
    woken the way its server allows (LISTEN/NOTIFY; a blocking XREADGROUP).
 
@@ -30,11 +33,13 @@ import json
 import math
 import multiprocessing
 import os
+import random
 import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from multiprocessing.synchronize import Event as EventType
+from pathlib import Path
 from typing import Any
 
 from bench_sqlite import (
@@ -124,13 +129,15 @@ class Drain:
     exactly_once: bool
 
 
-def farmhand_drain(url: str, opts: Options, name: str) -> Drain:
+def drained(url: str, opts: Options, name: str, how: str, run: Callable[[Path], Any]) -> Drain:
+    """Pre-load ``opts.intents`` intents, ``run(workdir)`` the processes that drain them
+    (returns their wall and CPU seconds) and check that each succeeded exactly once."""
     n = opts.intents
-    with fresh_dir(f"{name}-drain", opts) as workdir:
+    with fresh_dir(f"{name}-{how.rsplit(maxsplit=1)[-1]}", opts) as workdir:
         progress(f"{name}: pre-loading {n:,} intents")
         asyncio.run(preload(url, workdir / "home", n, 1000))
-        progress(f"{name}: draining with {opts.executors} executors, batch {opts.concurrency}")
-        wall, cpu_s, _ = drain(workdir, url, opts)
+        progress(f"{name}: draining with {opts.executors} {how}, batch {opts.concurrency}")
+        wall, cpu_s = run(workdir)
         found = asyncio.run(read_outcome(url, n))
     finished = found["finished"]
     steady = (len(finished) - 1) / (finished[-1] - finished[0]) if len(finished) > 1 else 0.0
@@ -142,6 +149,10 @@ def farmhand_drain(url: str, opts: Options, name: str) -> Drain:
         cpu_us_per_intent=cpu_s / n * 1e6,
         exactly_once=found["intents"] == found["succeeded"] == found["one_success_each"] == n,
     )
+
+
+def farmhand_drain(url: str, opts: Options, name: str) -> Drain:
+    return drained(url, opts, name, "executors", lambda workdir: drain(workdir, url, opts)[:2])
 
 
 async def wait_succeeded(url: str, want: int, timeout: float) -> int:
@@ -181,6 +192,62 @@ def farmhand_latency(url: str, opts: Options, name: str) -> LatencyResult:
             group.kill_leftovers()
         found = asyncio.run(read_outcome(url, total))
     return latency_result(opts.rate, total, pacing, found["latencies"])
+
+
+# -- the store's floor --------------------------------------------------------------------
+
+
+def floor_worker(url: str, name: str, batch: int, done: Any) -> None:
+    """Drive the store contract with nothing else: claim a batch, start its attempts, write a
+    success receipt for each, until nothing is left. No signature, policy, limits or calls:
+    what the store's own durable writes cost, which no executor can go below."""
+
+    async def run() -> int:
+        from farmhand.config import RetryConfig
+        from farmhand.connectors import Succeeded
+        from farmhand.contracts import Attempt
+        from farmhand.executor import outcomes
+        from farmhand.store import open_store
+
+        store = await open_store(url)
+        rng, retry, finished = random.Random(), RetryConfig(), 0
+        try:
+            while claims := await store.claim(name, batch, 30.0, []):
+                started = await store.start_attempts([c.lease for c in claims])
+                now = time.time()
+                changes = [
+                    outcomes.after_call(claim, a, Succeeded(claim.intent.id), now, retry, rng)
+                    for claim, a in zip(claims, started, strict=True)
+                    if isinstance(a, Attempt)
+                ]
+                finished += sum(await store.apply(changes))
+        finally:
+            await store.close()
+        return finished
+
+    done.put(asyncio.run(run()))
+
+
+def floor_loops(url: str, opts: Options) -> tuple[float, float]:
+    """Run ``opts.executors`` :func:`floor_worker` processes to the end: wall, CPU seconds."""
+    ctx = multiprocessing.get_context("spawn")
+    done = ctx.Queue()
+    t, cpu = time.perf_counter(), children_cpu()
+    procs = [
+        ctx.Process(target=floor_worker, args=(url, f"floor{i}", opts.concurrency, done))
+        for i in range(opts.executors)
+    ]
+    for proc in procs:
+        proc.start()
+    for _ in procs:
+        done.get(timeout=900)
+    for proc in procs:
+        proc.join(30)
+    return time.perf_counter() - t, children_cpu() - cpu
+
+
+def floor_drain(url: str, opts: Options, name: str) -> Drain:
+    return drained(url, opts, name, "bare store loops", lambda _: floor_loops(url, opts))
 
 
 # -- raw baselines ------------------------------------------------------------------------
@@ -499,6 +566,8 @@ def measure(backend: str, opts: Options) -> dict[str, Any]:
         url, raw = server.fresh("drain")
         out["raw_drain"] = asdict(raw_drain(RawQueue(backend, raw), opts))
         out["drain"] = asdict(farmhand_drain(url, opts, backend))
+        url, _ = server.fresh("floor")
+        out["floor_drain"] = asdict(floor_drain(url, opts, backend))
         out["reference"] = reference(backend, server.base, opts)
         url, raw = server.fresh("latency")
         out["raw_latency"] = asdict(raw_latency(RawQueue(backend, raw), opts))
@@ -545,6 +614,12 @@ def render(results: dict[str, Any], opts: Options) -> str:
             f"| {backend} | drain, intents/s end to end | **{fh['wall_rate']:,.0f}** | "
             f"{raw['wall_rate']:,.0f} | {share:.0%} | ≥ {TARGET_SHARE:.0%}: "
             f"{'ok' if share >= TARGET_SHARE and fh['exactly_once'] else 'MISS'} |"
+        )
+        floor = r["floor_drain"]
+        lines.append(
+            f"| {backend} | store statements alone (claim, start, receipt; no executor) | "
+            f"{floor['wall_rate']:,.0f} | {raw['wall_rate']:,.0f} | "
+            f"{floor['wall_rate'] / raw['wall_rate']:.0%} | floor of the end-to-end figure |"
         )
         where = "measured in this run" if measured is not None else "quoted, not measured here"
         beats = fh["wall_rate"] > ref_rate and fh["exactly_once"]
