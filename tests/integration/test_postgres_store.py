@@ -8,6 +8,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -20,7 +21,7 @@ from farmhand.store import Change, NewIntent, Store, open_store
 from farmhand.store.postgres import PostgresStore
 from farmhand.store.postgres_setup import latest_version, mask
 from farmhand.testing.servers import LocalPostgres
-from store_support import make_intent, put
+from store_support import gate, make_intent, put
 
 SECRET = "s3cret-pass"
 
@@ -205,6 +206,39 @@ async def test_its_own_leases_and_outcomes_do_not_wake_this_store(pg: PostgresSt
     back = Change(b.intent.id, IntentState.PENDING, "ex_a", "release", token=b.lease.token)
     assert await pg.apply([back]) == [True]
     assert await pg.change_counter() != since
+
+
+async def test_an_empty_claim_answers_the_next_readiness_in_the_same_round_trip(
+    pg: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock()
+    await put(
+        pg,
+        make_intent(clock, "later", not_before=clock.now() + 60),
+        make_intent(clock, "mail", kind="email.send"),
+    )
+    closed = [gate(clock, kind="email.send")]
+    statements: list[str] = []
+    real = pg._rows
+
+    async def counted(sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+        statements.append(sql)
+        return await real(sql, params)
+
+    monkeypatch.setattr(pg, "_rows", counted)
+    assert await pg.claim("ex_a", 10, 30.0, closed) == []
+    kept = await pg.readiness(closed)
+    assert len(statements) == 1  # the claim's own
+    assert kept == await pg.readiness(closed)  # asked again: read, with the same answer
+    assert len(statements) == 2
+    assert kept.running == 0
+    assert kept.next_ready_at == clock.now() + 60  # the gated intent is not counted
+    # other gates than the claim's: read
+    assert await pg.claim("ex_a", 10, 30.0, closed) == []
+    ungated = (await pg.readiness([])).next_ready_at
+    assert ungated is not None and kept.next_ready_at is not None
+    assert ungated < kept.next_ready_at  # the mail intent, ready since its submit, counts
+    assert len(statements) == 4
 
 
 async def test_a_version_1_database_is_upgraded_in_place(

@@ -60,6 +60,8 @@ Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 _GATES_FRESH = 0.25
 #: the states an outcome leaves an intent in that give an executor work
 _GIVES_WORK = frozenset({IntentState.PENDING, IntentState.RETRY_WAIT})
+#: how long (seconds) the readiness an empty claim found answers the next readiness()
+_READY_FRESH = 0.05
 #: seconds to wait for the pool's first connection, or for a free one
 _POOL_TIMEOUT = 30.0
 
@@ -81,6 +83,8 @@ class PostgresStore:
         self._notifier = notifier
         #: the gates as last read: (the notifier's gate version then, rules, monotonic time)
         self._gates: tuple[int, list[GateRule], float] | None = None
+        #: readiness as an empty claim found it: (gate SQL, its parameters, answer, when)
+        self._ready: tuple[str, dict[str, str], Readiness, float] | None = None
 
     @classmethod
     async def open(cls, url: str, clock: Clock | None = None) -> PostgresStore:
@@ -179,6 +183,7 @@ class PostgresStore:
         # (migration 0004): taking, starting, renewing or ending a lease wakes no one, not
         # even the executor in this process that made it
         if wrote:
+            self._ready = None
             self._notifier.bump()
 
     # -- intents ----------------------------------------------------------------------
@@ -245,10 +250,16 @@ class PostgresStore:
         if gate is None or limit <= 0:
             return []
         gate_sql, params = gate
+        self._ready = None
         claimed = await self._rows(
             q.CLAIM.replace("{gate}", gate_sql),
             {"now": self._fixed(), "owner": owner, "limit": limit, "ttl": ttl, **params},
         )
+        if claimed and claimed[0][0] is None:  # nothing claimed: the readiness row
+            _, _, running, expires, *_, ready_at = claimed[0]
+            answer = conv.readiness((running, expires, ready_at))
+            self._ready = (gate_sql, params, answer, time.monotonic())
+            return []
         return [conv.claim(row, owner) for row in claimed]
 
     async def start_attempts(
@@ -501,6 +512,16 @@ class PostgresStore:
         if gate is None:
             return Readiness(running=0, next_ready_at=None)
         gate_sql, params = gate
+        # straight after an empty claim under the same gates, its answer (once): whatever
+        # has since made something claimable moved the change counter, so an executor
+        # waiting on the counter it read before that claim still wakes for it
+        kept, self._ready = self._ready, None
+        if (
+            kept is not None
+            and kept[:2] == (gate_sql, params)
+            and time.monotonic() - kept[3] <= _READY_FRESH
+        ):
+            return kept[2]
         # leases under a closed gate cannot be taken over, so they are not counted: an
         # executor would otherwise spin on (or drain-wait for) an expired one forever
         (row,) = await self._rows(q.READINESS.replace("{gate}", gate_sql), params)

@@ -53,6 +53,16 @@ SELECT i.body, i.state, i.attempts, i.max_attempts, i.reason, i.updated_at, i.re
        i.key
 FROM intents i"""
 
+# Running leases (and the earliest expiry) and the earliest ready time, of the scopes no
+# closed gate blocks: when an idle executor should look again.
+READINESS = """
+SELECT leased.n, leased.expires, ready.at
+FROM (SELECT count(*) AS n, min(lease_expires) AS expires FROM intents
+      WHERE state = 'running'{gate}) AS leased,
+     (SELECT min(ready_at) AS at FROM intents
+      WHERE state IN ('pending', 'retry_wait'){gate}) AS ready
+"""
+
 # Expired leases first, then ready intents, each in the order of its partial index; rows
 # another claimer holds are skipped, never waited for. An attempt started under an earlier
 # lease without a receipt is returned with the claim (the outcome is unknown).
@@ -93,17 +103,23 @@ logged AS (
     SELECT now, %(owner)s, 'claim', id, previous, 'running' FROM claimed
     ORDER BY part, rank, seq
 )
-SELECT c.id, c.body, c.lease_token, c.lease_expires, c.attempts, c.max_attempts, c.previous,
-       a.executor, a.fencing_token, a.started_at
-FROM claimed c
-LEFT JOIN LATERAL (
-    SELECT a.executor, a.fencing_token, a.started_at FROM attempts a
-    WHERE c.attempts > 0 AND a.intent_id = c.id AND a.attempt = c.attempts
-      AND NOT EXISTS (SELECT 1 FROM receipts r
-                      WHERE r.intent_id = a.intent_id AND r.attempt = a.attempt)
-) a ON TRUE
-ORDER BY c.part, c.rank, c.seq
-"""
+(SELECT c.id, c.body, c.lease_token, c.lease_expires, c.attempts, c.max_attempts,
+        c.previous, a.executor, a.fencing_token, a.started_at
+ FROM claimed c
+ LEFT JOIN LATERAL (
+     SELECT a.executor, a.fencing_token, a.started_at FROM attempts a
+     WHERE c.attempts > 0 AND a.intent_id = c.id AND a.attempt = c.attempts
+       AND NOT EXISTS (SELECT 1 FROM receipts r
+                       WHERE r.intent_id = a.intent_id AND r.attempt = a.attempt)
+ ) a ON TRUE
+ ORDER BY c.part, c.rank, c.seq)
+UNION ALL
+-- claimed nothing: one row with no id and what READINESS would answer (running leases,
+-- earliest expiry, earliest ready time), which an idle executor asks for next
+SELECT NULL, NULL, r.n, r.expires, NULL, NULL, NULL, NULL, NULL, r.at
+FROM ({readiness}) AS r (n, expires, at)
+WHERE NOT EXISTS (SELECT 1 FROM claimed)
+""".replace("{readiness}", READINESS.strip())
 
 # A guarded row (kind not NULL) starts only if, judged in this statement, no closed gate
 # covers its kind and account, none of its buckets is paused and its breaker (if named) is
@@ -247,10 +263,4 @@ WITH saved AS (
 INSERT INTO audit (at, actor, action, reason, detail) VALUES (%s, %s, %s, %s, %s)
 """
 
-READINESS = """
-SELECT leased.n, leased.expires, ready.at
-FROM (SELECT count(*) AS n, min(lease_expires) AS expires FROM intents
-      WHERE state = 'running'{gate}) AS leased,
-     (SELECT min(ready_at) AS at FROM intents
-      WHERE state IN ('pending', 'retry_wait'){gate}) AS ready
-"""
+
