@@ -483,6 +483,57 @@ async def test_live_lease_of_another_executor_is_left_alone(
     assert connector.calls == []
 
 
+class Held(CountingNoop):
+    """A noop whose calls last until ``done`` is set; ``started`` once ``calls`` began."""
+
+    def __init__(self, calls: int) -> None:
+        super().__init__()
+        self.expected = calls
+        self.started = asyncio.Event()
+        self.done = asyncio.Event()
+
+    async def execute(self, call: Call) -> Result:
+        self.calls.append(call)
+        if len(self.calls) == self.expected:
+            self.started.set()
+        await self.done.wait()
+        return await NoopConnector.execute(self, call)
+
+
+async def test_a_claim_of_fewer_than_asked_is_not_followed_by_another(
+    store: Store, settings: Settings, clock: FakeClock, coordinator: Coordinator, store_url: str
+) -> None:
+    # nothing more was claimable when that claim ran, and whatever became claimable since
+    # wakes the executor: it waits instead of asking the store again at once
+    if not store_url.startswith(("postgresql:", "redis:")):
+        pytest.skip(
+            "the embedded stores' change counter moves with every commit, the executor's own "
+            "included, so their executors look again (a local read, not a round trip)"
+        )
+    for i in range(3):
+        await submit(coordinator, key=f"k{i}")
+    claims: list[int] = []
+    original = store.claim
+
+    async def counting(*args: Any) -> Any:
+        found = await original(*args)
+        claims.append(len(found))
+        return found
+
+    store.claim = counting  # type: ignore[method-assign]
+    connector = Held(3)
+    running = asyncio.ensure_future(run(store, settings, clock, connector, concurrency=10))
+    async with asyncio.timeout(RUN_LIMIT):
+        await connector.started.wait()
+    await asyncio.sleep(0.2)  # time enough for a claim that should not come
+    assert claims == [3]
+    connector.done.set()
+    stats = await running
+    assert stats.succeeded == 3
+    assert claims[0] == 3
+    assert sum(claims) == 3
+
+
 async def test_unlimited_account_starts_with_one_guarded_round_trip(
     store: Store, settings: Settings, clock: FakeClock, coordinator: Coordinator
 ) -> None:

@@ -136,6 +136,26 @@ async def test_claim_skips_not_yet_ready(store: Store, clock: FakeClock) -> None
     assert claim.intent.key == "later"
 
 
+async def test_readiness_right_after_a_short_claim_counts_the_leases_it_took(
+    store: Store, clock: FakeClock
+) -> None:
+    # the executor waits on this answer instead of claiming again, and stores may serve it
+    # from the claim: it must be what a fresh read says
+    await put(store, make_intent(clock, "lapsing"))
+    assert len(await store.claim("ex_b", 10, 5, [])) == 1
+    clock.advance(6)  # ex_b's lease lapsed
+    await put(
+        store,
+        make_intent(clock, "now"),
+        make_intent(clock, "later", not_before=clock.now() + 60),
+    )
+    claims = await store.claim("ex_a", 10, TTL, [])
+    assert {c.intent.key for c in claims} == {"lapsing", "now"}
+    first = await store.readiness()
+    assert (first.running, first.next_ready_at) == (2, clock.now() + TTL)
+    assert await store.readiness() == first  # read again
+
+
 async def test_claim_skips_retry_wait_until_ready(store: Store, clock: FakeClock) -> None:
     await put(store, make_intent(clock, "k"))
     claim = await claim_one(store)

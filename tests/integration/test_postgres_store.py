@@ -236,7 +236,8 @@ async def test_an_empty_claim_answers_the_next_readiness_in_the_same_round_trip(
     # other gates than the claim's: read
     assert await pg.claim("ex_a", 10, 30.0, closed) == []
     ungated = (await pg.readiness([])).next_ready_at
-    assert ungated is not None and kept.next_ready_at is not None
+    assert ungated is not None
+    assert kept.next_ready_at is not None
     assert ungated < kept.next_ready_at  # the mail intent, ready since its submit, counts
     assert len(statements) == 4
 

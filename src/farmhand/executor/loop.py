@@ -174,7 +174,11 @@ class Executor:
         if claims:
             self.stats.claimed += len(claims)
             await self._dispatch(claims, closed)
-            return True
+            if len(claims) >= free:
+                return True  # there may be more
+            # fewer than asked: nothing more was claimable when the claim ran, and whatever
+            # has since made something claimable moved the counter past `since`, so wait
+            # now instead of claiming again (the store answers readiness from that claim)
         readiness = await self.store.readiness(self._limits.closed(closed))
         now = self._clock.now()
         idle = not self._held and readiness.running == 0

@@ -60,7 +60,7 @@ Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 _GATES_FRESH = 0.25
 #: the states an outcome leaves an intent in that give an executor work
 _GIVES_WORK = frozenset({IntentState.PENDING, IntentState.RETRY_WAIT})
-#: how long (seconds) the readiness an empty claim found answers the next readiness()
+#: how long (seconds) the readiness a short claim found answers the next readiness()
 _READY_FRESH = 0.05
 #: seconds to wait for the pool's first connection, or for a free one
 _POOL_TIMEOUT = 30.0
@@ -83,7 +83,7 @@ class PostgresStore:
         self._notifier = notifier
         #: the gates as last read: (the notifier's gate version then, rules, monotonic time)
         self._gates: tuple[int, list[GateRule], float] | None = None
-        #: readiness as an empty claim found it: (gate SQL, its parameters, answer, when)
+        #: readiness as a short claim found it: (gate SQL, its parameters, answer, when)
         self._ready: tuple[str, dict[str, str], Readiness, float] | None = None
 
     @classmethod
@@ -255,11 +255,10 @@ class PostgresStore:
             q.CLAIM.replace("{gate}", gate_sql),
             {"now": self._fixed(), "owner": owner, "limit": limit, "ttl": ttl, **params},
         )
-        if claimed and claimed[0][0] is None:  # nothing claimed: the readiness row
-            _, _, running, expires, *_, ready_at = claimed[0]
+        if claimed and claimed[-1][0] is None:  # fewer than asked: the readiness row
+            _, _, running, expires, *_, ready_at = claimed.pop()
             answer = conv.readiness((running, expires, ready_at))
             self._ready = (gate_sql, params, answer, time.monotonic())
-            return []
         return [conv.claim(row, owner) for row in claimed]
 
     async def start_attempts(
@@ -512,9 +511,10 @@ class PostgresStore:
         if gate is None:
             return Readiness(running=0, next_ready_at=None)
         gate_sql, params = gate
-        # straight after an empty claim under the same gates, its answer (once): whatever
-        # has since made something claimable moved the change counter, so an executor
-        # waiting on the counter it read before that claim still wakes for it
+        # straight after a claim that took fewer than it asked for, under the same gates,
+        # its answer (once): whatever has since made something claimable moved the change
+        # counter, so an executor waiting on the counter it read before that claim still
+        # wakes for it
         kept, self._ready = self._ready, None
         if (
             kept is not None

@@ -54,14 +54,16 @@ SELECT i.body, i.state, i.attempts, i.max_attempts, i.reason, i.updated_at, i.re
 FROM intents i"""
 
 # Running leases (and the earliest expiry) and the earliest ready time, of the scopes no
-# closed gate blocks: when an idle executor should look again.
-READINESS = """
+# closed gate blocks: when an idle executor should look again. {fresh}: rows whose lease
+# expiry and ready time still hold (a claim leaves out those it has just leased).
+_READINESS = """
 SELECT leased.n, leased.expires, ready.at
-FROM (SELECT count(*) AS n, min(lease_expires) AS expires FROM intents
-      WHERE state = 'running'{gate}) AS leased,
+FROM (SELECT count(*) AS n, min(lease_expires) FILTER (WHERE {fresh}) AS expires
+      FROM intents WHERE state = 'running'{gate}) AS leased,
      (SELECT min(ready_at) AS at FROM intents
-      WHERE state IN ('pending', 'retry_wait'){gate}) AS ready
+      WHERE state IN ('pending', 'retry_wait') AND {fresh}{gate}) AS ready
 """
+READINESS = _READINESS.replace("{fresh}", "TRUE")
 
 # Expired leases first, then ready intents, each in the order of its partial index; rows
 # another claimer holds are skipped, never waited for. An attempt started under an earlier
@@ -114,12 +116,18 @@ logged AS (
  ) a ON TRUE
  ORDER BY c.part, c.rank, c.seq)
 UNION ALL
--- claimed nothing: one row with no id and what READINESS would answer (running leases,
--- earliest expiry, earliest ready time), which an idle executor asks for next
-SELECT NULL, NULL, r.n, r.expires, NULL, NULL, NULL, NULL, NULL, r.at
+-- claimed fewer than asked, so nothing more was claimable: a last row with no id and what
+-- READINESS answers once this statement is done (the leases it took running until now +
+-- ttl), which the executor asks for next
+SELECT NULL, NULL, r.n + (SELECT count(*) FROM claimed WHERE previous <> 'running'),
+       least(r.expires, (SELECT min(lease_expires) FROM claimed)),
+       NULL, NULL, NULL, NULL, NULL, r.at
 FROM ({readiness}) AS r (n, expires, at)
-WHERE NOT EXISTS (SELECT 1 FROM claimed)
-""".replace("{readiness}", READINESS.strip())
+WHERE (SELECT count(*) FROM claimed) < %(limit)s
+""".replace(
+    "{readiness}",
+    _READINESS.replace("{fresh}", "seq NOT IN (SELECT seq FROM picked)").strip(),
+)
 
 # A guarded row (kind not NULL) starts only if, judged in this statement, no closed gate
 # covers its kind and account, none of its buckets is paused and its breaker (if named) is
@@ -262,5 +270,3 @@ WITH saved AS (
 )
 INSERT INTO audit (at, actor, action, reason, detail) VALUES (%s, %s, %s, %s, %s)
 """
-
-

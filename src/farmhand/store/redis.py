@@ -256,10 +256,13 @@ class RedisStore:
         reply = await self._link.run("claim", [*args, *rules])
         if not isinstance(reply, str):
             # nothing claimed: the script answered readiness() for the same rules, which an
-            # idle executor asks for next (see readiness)
+            # idle executor asks for next (see readiness); so does a claim of fewer than asked
             self._link.ready = (tuple(rules), _readiness(reply), time.monotonic())
             return []
         expires_at, *lines = reply.split("\x1e")
+        if lines[-1].startswith("\x1f"):  # fewer than asked: readiness, as above
+            _, running, best = lines.pop().split("\x1f")
+            self._link.ready = (tuple(rules), _readiness((running, best)), time.monotonic())
         expires = utc(float(expires_at))
         claims = []
         for line in lines:
@@ -454,7 +457,7 @@ class RedisStore:
 
     async def readiness(self, closed: Sequence[GateRule] = ()) -> Readiness:
         rules = _rules(closed)
-        # straight after an empty claim with the same rules, its answer (once): whatever
+        # straight after a short claim with the same rules, its answer (once): whatever
         # has since made something claimable moved the change counter, so an executor
         # waiting on the counter it read before that claim still wakes for it
         kept, self._link.ready = self._link.ready, None

@@ -43,6 +43,9 @@ _MASK = "***"
 _TRANSITION = "FARMHAND_TRANSITION "
 #: scripts that only read: safe to send again after a lost connection
 READ_ONLY = frozenset({"status", "list", "readiness", "history", "rows"})
+#: scripts after which a claim's readiness answer still holds: starting an attempt under a
+#: lease changes no lease expiry and no ready time
+KEEPS_READINESS = frozenset({"start"})
 SCRIPTS = (
     "put",
     "claim",
@@ -206,8 +209,8 @@ class Link:
             name: self.client.register_script(script_source(name)) for name in SCRIPTS
         }
         self.closed = False
-        #: readiness as an empty claim found it: (rules, answer, when); any other script
-        #: this link runs drops it (see RedisStore.readiness)
+        #: readiness as a claim of fewer than it asked for found it: (rules, answer, when);
+        #: any other script this link runs but a start drops it (see RedisStore.readiness)
         self.ready: tuple[tuple[Any, ...], Readiness, float] | None = None
         timeout = self.client.connection_pool.connection_kwargs.get("socket_timeout")
         #: longest XREAD BLOCK that still answers within the socket timeout
@@ -248,7 +251,8 @@ class Link:
         """Run script ``name`` with ``args`` after the prefix and the time (``now``, else
         the store clock's)."""
         self.check_open()
-        self.ready = None
+        if name not in KEEPS_READINESS:
+            self.ready = None
         script = self._scripts[name]
         argv = [self.prefix, self.now_arg() if now is None else now, *args]
         keys = [self.key("changes")]

@@ -9,8 +9,10 @@
 -- ARGV[3] owner, [4] limit, [5] ttl (seconds), [6] rotation, [7] sweep min-idle (ms),
 -- [8..] closed gate rules. Returns, separated by \30, the lease expiry and per claim id,
 -- token, attempts, max_attempts, previous state, open attempt (JSON, or '') and body,
--- separated by \31; or, when it claimed nothing, {running, time or false}: the readiness
--- of the same scopes (see readiness.lua), which an idle executor asks for next.
+-- separated by \31, and when it claimed fewer than `limit` a last line '' \31 running \31
+-- time (or ''): the readiness of the same scopes (see readiness.lua) once these leases are
+-- taken, which the executor asks for next; or, when it claimed nothing, that readiness
+-- alone as {running, time or false}.
 
 local owner, limit, ttl = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local rotation, min_idle = tonumber(ARGV[6]), ARGV[7]
@@ -197,5 +199,9 @@ flush()
 -- a claim only leaves intents running: it wakes no one (see done() in the prelude)
 if #out == 1 then
   return readiness_of(scopes)
+end
+if left > 0 then
+  local ready = readiness_of(scopes)
+  out[#out + 1] = table.concat({ '', ready[1], ready[2] or '' }, '\31')
 end
 return table.concat(out, '\30')
