@@ -314,7 +314,10 @@ class Store(Protocol):
         ...
 
     async def change_counter(self) -> int:
-        """A number that changes whenever any writer commits."""
+        """A number that changes whenever a writer commits something that may give an
+        executor work: a new intent, one left pending or retry_wait, a gate, a rate-limit
+        or breaker row, an approval. A store may move it for other commits too (the
+        embedded ones do, for every commit by another connection)."""
         ...
 
     async def wait_for_change(self, since: int, timeout: float) -> None:
