@@ -21,7 +21,7 @@ The servers are throw-away ones started here on loopback (PostgreSQL with fsync 
 with AOF ``appendfsync everysec``, as the docs recommend), or the ones named by
 ``--postgres``/``--redis``. Progress goes to stderr, the table (or ``--json``) to stdout::
 
-    .venv/bin/python benchmarks/bench_servers.py                  # both backends, ~2 min
+    .venv/bin/python benchmarks/bench_servers.py                  # both backends, ~4 min
     .venv/bin/python benchmarks/bench_servers.py --backend redis --intents 5000
 """
 
