@@ -500,16 +500,14 @@ class Held(CountingNoop):
         return await NoopConnector.execute(self, call)
 
 
+# the server stores only: the embedded stores' change counter moves with every commit, the
+# executor's own included, so their executors look again (a local read, not a round trip)
+@pytest.mark.parametrize("store_url", ["postgres", "redis"], indirect=True)
 async def test_a_claim_of_fewer_than_asked_is_not_followed_by_another(
-    store: Store, settings: Settings, clock: FakeClock, coordinator: Coordinator, store_url: str
+    store: Store, settings: Settings, clock: FakeClock, coordinator: Coordinator
 ) -> None:
     # nothing more was claimable when that claim ran, and whatever became claimable since
     # wakes the executor: it waits instead of asking the store again at once
-    if not store_url.startswith(("postgresql:", "redis:")):
-        pytest.skip(
-            "the embedded stores' change counter moves with every commit, the executor's own "
-            "included, so their executors look again (a local read, not a round trip)"
-        )
     for i in range(3):
         await submit(coordinator, key=f"k{i}")
     claims: list[int] = []
@@ -530,8 +528,7 @@ async def test_a_claim_of_fewer_than_asked_is_not_followed_by_another(
     connector.done.set()
     stats = await running
     assert stats.succeeded == 3
-    assert claims[0] == 3
-    assert sum(claims) == 3
+    assert sum(claims) == 3  # the rest of the run claimed nothing more
 
 
 async def test_unlimited_account_starts_with_one_guarded_round_trip(

@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,7 @@ from farmhand.signing import (
     verify,
 )
 from farmhand.store import Store
-from signing_support import reason
+from signing_support import SIGNED_FIELD_CHANGES, reason
 from store_support import run
 
 FARMHAND = str(Path(sys.executable).with_name("farmhand"))
@@ -162,22 +161,7 @@ def test_longest_signature_is_read() -> None:
 # -- tampering ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("field", "value"),
-    [
-        ("id", "in_other"),
-        ("key", "other-key"),
-        ("kind", "webhook.post"),
-        ("account", "billing"),
-        ("agent", "mallory"),
-        ("max_attempts", 100),
-        ("created_at", datetime(2030, 1, 1, tzinfo=UTC)),
-        ("not_before", datetime(2030, 1, 1, tzinfo=UTC)),
-        ("expires_at", datetime(2031, 1, 1, tzinfo=UTC)),
-        ("schema_version", "1.9"),
-        ("payload", {"i": 1000}),
-    ],
-)
+@pytest.mark.parametrize(("field", "value"), [*SIGNED_FIELD_CHANGES, ("payload", {"i": 1000})])
 def test_changing_any_field_of_any_record_fails(
     keyring: Keyring, signer: Signer, field: str, value: Any
 ) -> None:

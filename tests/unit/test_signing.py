@@ -23,7 +23,7 @@ from farmhand.signing import (
     signing_bytes,
     verify,
 )
-from signing_support import reason
+from signing_support import SIGNED_FIELD_CHANGES, reason
 
 
 def build_intent(**overrides: Any) -> Intent:
@@ -73,19 +73,7 @@ def test_tampered_payload_fails(keyring: Keyring, signer: Signer) -> None:
     )
 
 
-@pytest.mark.parametrize(
-    ("field", "value"),
-    [
-        ("key", "other-key"),
-        ("kind", "webhook.post"),
-        ("account", "billing"),
-        ("agent", "mallory"),
-        ("max_attempts", 100),
-        ("created_at", datetime(2030, 1, 1, tzinfo=UTC)),
-        ("expires_at", datetime(2031, 1, 1, tzinfo=UTC)),
-        ("schema_version", "1.9"),
-    ],
-)
+@pytest.mark.parametrize(("field", "value"), SIGNED_FIELD_CHANGES)
 def test_tampered_field_fails(keyring: Keyring, signer: Signer, field: str, value: Any) -> None:
     signed = sign(build_intent(), signer)
     forged = signed.model_copy(update={field: value})
