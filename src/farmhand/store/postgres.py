@@ -52,6 +52,7 @@ from farmhand.store.base import (
     Readiness,
     Throttle,
 )
+from farmhand.store.kept_readiness import KeptReadiness
 from farmhand.store.limits_logic import quiet
 from farmhand.store.postgres_setup import Notifier, Target, connect, migrate, parse_url
 
@@ -60,8 +61,6 @@ Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 _GATES_FRESH = 0.25
 #: the states an outcome leaves an intent in that give an executor work
 _GIVES_WORK = frozenset({IntentState.PENDING, IntentState.RETRY_WAIT})
-#: how long (seconds) the readiness a short claim found answers the next readiness()
-_READY_FRESH = 0.05
 #: seconds to wait for the pool's first connection, or for a free one
 _POOL_TIMEOUT = 30.0
 
@@ -83,8 +82,8 @@ class PostgresStore:
         self._notifier = notifier
         #: the gates as last read: (the notifier's gate version then, rules, monotonic time)
         self._gates: tuple[int, list[GateRule], float] | None = None
-        #: readiness as a short claim found it: (gate SQL, its parameters, answer, when)
-        self._ready: tuple[str, dict[str, str], Readiness, float] | None = None
+        #: readiness as a short claim found it, keyed by its gate SQL and parameters
+        self._ready = KeptReadiness()
 
     @classmethod
     async def open(cls, url: str, clock: Clock | None = None) -> PostgresStore:
@@ -183,7 +182,7 @@ class PostgresStore:
         # (migration 0004): taking, starting, renewing or ending a lease wakes no one, not
         # even the executor in this process that made it
         if wrote:
-            self._ready = None
+            self._ready.drop()
             self._notifier.bump()
 
     # -- intents ----------------------------------------------------------------------
@@ -250,15 +249,14 @@ class PostgresStore:
         if gate is None or limit <= 0:
             return []
         gate_sql, params = gate
-        self._ready = None
+        self._ready.drop()
         claimed = await self._rows(
             q.CLAIM.replace("{gate}", gate_sql),
             {"now": self._fixed(), "owner": owner, "limit": limit, "ttl": ttl, **params},
         )
         if claimed and claimed[-1][0] is None:  # fewer than asked: the readiness row
             _, _, running, expires, *_, ready_at = claimed.pop()
-            answer = conv.readiness((running, expires, ready_at))
-            self._ready = (gate_sql, params, answer, time.monotonic())
+            self._ready.keep((gate_sql, params), conv.readiness((running, expires, ready_at)))
         return [conv.claim(row, owner) for row in claimed]
 
     async def start_attempts(
@@ -511,17 +509,9 @@ class PostgresStore:
         if gate is None:
             return Readiness(running=0, next_ready_at=None)
         gate_sql, params = gate
-        # straight after a claim that took fewer than it asked for, under the same gates,
-        # its answer (once): whatever has since made something claimable moved the change
-        # counter, so an executor waiting on the counter it read before that claim still
-        # wakes for it
-        kept, self._ready = self._ready, None
-        if (
-            kept is not None
-            and kept[:2] == (gate_sql, params)
-            and time.monotonic() - kept[3] <= _READY_FRESH
-        ):
-            return kept[2]
+        kept = self._ready.take((gate_sql, params))
+        if kept is not None:  # a short claim under the same gates answered it just now
+            return kept
         # leases under a closed gate cannot be taken over, so they are not counted: an
         # executor would otherwise spin on (or drain-wait for) an expired one forever
         (row,) = await self._rows(q.READINESS.replace("{gate}", gate_sql), params)

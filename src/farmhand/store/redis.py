@@ -68,8 +68,6 @@ LAYOUT = 1
 _GATES_FRESH = 0.25
 #: a wake-up this recent (seconds) answers the next change_counter() without a read
 _WAKE_FRESH = 0.05
-#: an empty claim this recent (seconds) answers the next readiness() with the same rules
-_READY_FRESH = 0.05
 
 
 def _rules(closed: Sequence[GateRule]) -> list[str | int]:
@@ -257,12 +255,12 @@ class RedisStore:
         if not isinstance(reply, str):
             # nothing claimed: the script answered readiness() for the same rules, which an
             # idle executor asks for next (see readiness); so does a claim of fewer than asked
-            self._link.ready = (tuple(rules), _readiness(reply), time.monotonic())
+            self._link.ready.keep(tuple(rules), _readiness(reply))
             return []
         expires_at, *lines = reply.split("\x1e")
         if lines[-1].startswith("\x1f"):  # fewer than asked: readiness, as above
             _, running, best = lines.pop().split("\x1f")
-            self._link.ready = (tuple(rules), _readiness((running, best)), time.monotonic())
+            self._link.ready.keep(tuple(rules), _readiness((running, best)))
         expires = utc(float(expires_at))
         claims = []
         for line in lines:
@@ -457,16 +455,9 @@ class RedisStore:
 
     async def readiness(self, closed: Sequence[GateRule] = ()) -> Readiness:
         rules = _rules(closed)
-        # straight after a short claim with the same rules, its answer (once): whatever
-        # has since made something claimable moved the change counter, so an executor
-        # waiting on the counter it read before that claim still wakes for it
-        kept, self._link.ready = self._link.ready, None
-        if (
-            kept is not None
-            and kept[0] == tuple(rules)
-            and time.monotonic() - kept[2] <= _READY_FRESH
-        ):
-            return kept[1]
+        kept = self._link.ready.take(tuple(rules))
+        if kept is not None:  # a short claim with the same rules answered it just now
+            return kept
         return _readiness(await self._link.run("readiness", rules))
 
     async def counts(self) -> dict[IntentState, int]:

@@ -26,7 +26,7 @@ from redis.exceptions import (
 from farmhand.clock import Clock
 from farmhand.contracts.state import TRANSITIONS
 from farmhand.errors import FarmhandError, InvalidInput, InvalidTransition, StoreError
-from farmhand.store.base import Readiness
+from farmhand.store.kept_readiness import KeptReadiness
 
 T = TypeVar("T")
 
@@ -209,9 +209,9 @@ class Link:
             name: self.client.register_script(script_source(name)) for name in SCRIPTS
         }
         self.closed = False
-        #: readiness as a claim of fewer than it asked for found it: (rules, answer, when);
-        #: any other script this link runs but a start drops it (see RedisStore.readiness)
-        self.ready: tuple[tuple[Any, ...], Readiness, float] | None = None
+        #: readiness as a claim of fewer than it asked for found it, keyed by its gate rules;
+        #: any other script this link runs but a start drops it
+        self.ready = KeptReadiness()
         timeout = self.client.connection_pool.connection_kwargs.get("socket_timeout")
         #: longest XREAD BLOCK that still answers within the socket timeout
         self.max_block = 1.0 if timeout is None else min(1.0, float(timeout) / 2)
@@ -252,7 +252,7 @@ class Link:
         the store clock's)."""
         self.check_open()
         if name not in KEEPS_READINESS:
-            self.ready = None
+            self.ready.drop()
         script = self._scripts[name]
         argv = [self.prefix, self.now_arg() if now is None else now, *args]
         keys = [self.key("changes")]
