@@ -171,7 +171,51 @@ async def wait_succeeded(url: str, want: int, timeout: float) -> int:
         await store.close()
 
 
-def farmhand_latency(url: str, opts: Options, name: str) -> LatencyResult:
+@dataclass
+class Load:
+    """What the offered-rate phase cost: the workers' CPU per intent (executors or raw
+    workers, start-up left out) and how busy the host's cores were, whoever used them."""
+
+    cpu_us_per_intent: float
+    host_busy_share: float
+
+
+class LoadMeter:
+    """CPU of processes ``pids`` and of the whole host between :meth:`start` and
+    :meth:`stop`, read from /proc (Linux)."""
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = list(pids)
+        self._begin = (0.0, (0, 0))
+
+    @staticmethod
+    def _process_cpu(pid: int) -> float:
+        # utime and stime, the 14th and 15th fields; the name before them may hold spaces
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _host() -> tuple[int, int]:
+        """(busy, total) jiffies of all cores: total less idle and iowait is busy."""
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        total = sum(ticks[:8])  # guest time is already counted in user time
+        return total - ticks[3] - ticks[4], total
+
+    def _now(self) -> tuple[float, tuple[int, int]]:
+        return sum(self._process_cpu(pid) for pid in self.pids), self._host()
+
+    def start(self) -> None:
+        self._begin = self._now()
+
+    def stop(self, intents: int) -> Load:
+        (cpu0, (busy0, total0)), (cpu1, (busy1, total1)) = self._begin, self._now()
+        return Load(
+            cpu_us_per_intent=(cpu1 - cpu0) / intents * 1e6,
+            host_busy_share=(busy1 - busy0) / max(1, total1 - total0),
+        )
+
+
+def farmhand_latency(url: str, opts: Options, name: str) -> tuple[LatencyResult, Load]:
     total = max(1, round(opts.rate * opts.duration))
     with fresh_dir(f"{name}-latency", opts) as workdir:
         home = init_home(workdir / "home")
@@ -180,10 +224,13 @@ def farmhand_latency(url: str, opts: Options, name: str) -> LatencyResult:
             wait_until_listening(group)
             time.sleep(0.3)
             progress(f"{name}: submitting {total:,} intents at {opts.rate:g}/s")
+            meter = LoadMeter([proc.pid for proc in group.procs])
+            meter.start()
             pacing = asyncio.run(offered_submits(url, home, opts.rate, total))
             done = asyncio.run(wait_succeeded(url, total, 60.0))
             if done < total:
                 raise group.failure(f"only {done} of {total} intents succeeded")
+            load = meter.stop(total)
             for proc in group.procs:
                 proc.send_signal(signal.SIGTERM)
             for proc in group.procs:
@@ -191,7 +238,7 @@ def farmhand_latency(url: str, opts: Options, name: str) -> LatencyResult:
         finally:
             group.kill_leftovers()
         found = asyncio.run(read_outcome(url, total))
-    return latency_result(opts.rate, total, pacing, found["latencies"])
+    return latency_result(opts.rate, total, pacing, found["latencies"]), load
 
 
 # -- the store's floor --------------------------------------------------------------------
@@ -485,7 +532,7 @@ def raw_drain(queue: RawQueue, opts: Options) -> Drain:
     return Drain(n, wall, n / wall, math.nan, cpu_s / n * 1e6, done == n)
 
 
-def raw_latency(queue: RawQueue, opts: Options) -> LatencyResult:
+def raw_latency(queue: RawQueue, opts: Options) -> tuple[LatencyResult, Load]:
     total = max(1, round(opts.rate * opts.duration))
     queue.create()
     workers = start_workers(queue.worker(), queue.url, opts, drain=False)
@@ -493,6 +540,8 @@ def raw_latency(queue: RawQueue, opts: Options) -> LatencyResult:
         workers.wait_ready()
         time.sleep(0.3)
         submit = queue.submitter()
+        meter = LoadMeter([proc.pid for proc in workers.procs if proc.pid is not None])
+        meter.start()
         pacing = Pacing()
         start = time.perf_counter() + 0.05
         for i in range(total):
@@ -508,10 +557,11 @@ def raw_latency(queue: RawQueue, opts: Options) -> LatencyResult:
         deadline = time.monotonic() + 60
         while queue.done() < total and time.monotonic() < deadline:
             time.sleep(0.05)
+        load = meter.stop(total)
     finally:
         workers.stop.set()
         workers.join(30)
-    return latency_result(opts.rate, total, pacing, queue.latencies())
+    return latency_result(opts.rate, total, pacing, queue.latencies()), load
 
 
 # -- servers, databases, output -----------------------------------------------------------
@@ -570,8 +620,10 @@ def measure(backend: str, opts: Options) -> dict[str, Any]:
         out["floor_drain"] = asdict(floor_drain(url, opts, backend))
         out["reference"] = reference(backend, server.base, opts)
         url, raw = server.fresh("latency")
-        out["raw_latency"] = asdict(raw_latency(RawQueue(backend, raw), opts))
-        out["latency"] = asdict(farmhand_latency(url, opts, backend))
+        raw_result, raw_load = raw_latency(RawQueue(backend, raw), opts)
+        result, load = farmhand_latency(url, opts, backend)
+        out["raw_latency"], out["raw_latency_load"] = asdict(raw_result), asdict(raw_load)
+        out["latency"], out["latency_load"] = asdict(result), asdict(load)
     return out
 
 
@@ -639,6 +691,12 @@ def render(results: dict[str, Any], opts: Options) -> str:
             f"{rl['p50_ms']:.1f} / {rl['p95_ms']:.1f} / {rl['p99_ms']:.1f} ms | "
             f"{fl['p95_ms'] / rl['p95_ms']:.1f}x | p95 < {target:g} ms: "
             f"{'ok' if fl['p95_ms'] < target else 'MISS'} |"
+        )
+        fload, rload = r["latency_load"], r["raw_latency_load"]
+        lines.append(
+            f"| {backend} | at {opts.rate:g}/s: workers' CPU per intent · host cores busy | "
+            f"{fload['cpu_us_per_intent']:,.0f} µs · {fload['host_busy_share']:.0%} | "
+            f"{rload['cpu_us_per_intent']:,.0f} µs · {rload['host_busy_share']:.0%} | | |"
         )
         lines.append(
             f"| {backend} | exactly once (drain) | "
