@@ -7,13 +7,14 @@ The store and the executor share one FakeClock: a drain run stops when nothing i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import timedelta
 from typing import Any, ClassVar
 
 import pytest
 
 from farmhand.clock import FakeClock
-from farmhand.config import AccountConfig, Settings
+from farmhand.config import AccountConfig, Limit, Settings
 from farmhand.connectors import Call, Result
 from farmhand.connectors.noop import NoopConnector
 from farmhand.contracts import IntentState, IntentStatus, Outcome, Receipt, ReceiptSource
@@ -23,6 +24,7 @@ from farmhand.coordinator import Coordinator, SubmitRequest
 from farmhand.executor import Executor, ExecutorStats
 from farmhand.ids import new_id
 from farmhand.store import Change, Store
+from farmhand.store.base import Bucket
 from store_support import RUN_LIMIT, CountingNoop, connector_set, run, status
 
 S = IntentState
@@ -560,3 +562,44 @@ async def test_unlimited_account_starts_with_one_guarded_round_trip(
     assert {(g.kind, g.account, g.buckets, g.breaker) for g in guards} == {
         ("noop", "default", ("account:default",), "noop:default")
     }
+
+
+async def test_limited_account_takes_its_tokens_in_the_start_itself(
+    store: Store, settings: Settings, clock: FakeClock, coordinator: Coordinator
+) -> None:
+    limit = Limit(rate=1.0, burst=2)
+    settings = dataclasses.replace(
+        settings, accounts={**settings.accounts, "default": AccountConfig("default", limit=limit)}
+    )
+    for i in range(3):
+        await submit(coordinator, key=f"k{i}")
+    calls: list[tuple[str, tuple[Any, ...]]] = []
+    for name in ("claim", "take", "breaker_enter", "start_attempts"):
+        original = getattr(store, name)
+
+        async def counting(*args: Any, _name: str = name, _original: Any = original) -> Any:
+            calls.append((_name, args))
+            return await _original(*args)
+
+        setattr(store, name, counting)
+    connector = CountingNoop()
+    stats = await run(store, settings, clock, connector)
+    # the burst of two ran; the third waits for a token, its attempt not spent
+    assert (stats.succeeded, stats.by_action["rate_limited"]) == (2, 1)
+    names = [name for name, _ in calls]
+    # the tokens are taken by the guarded start, atomically with it: no separate take, and
+    # the breaker (closed) checked by the start too
+    assert "take" not in names
+    assert "breaker_enter" not in names
+    at = names.index("start_attempts")
+    assert names[at - 1] == "claim"
+    leases, guards = calls[at][1]
+    assert len(leases) == 3
+    assert {(g.breaker, g.take) for g in guards} == {
+        ("noop:default", (Bucket("account:default", limit),))
+    }
+    started = [c.intent.id for c in connector.calls]
+    for intent_id in started:
+        (receipt,) = (await status(store, intent_id)).receipts
+        assert receipt.started_at is not None
+        assert receipt.started_at.timestamp() == clock.now()

@@ -1,13 +1,14 @@
 """Store conformance: a guarded attempt start checks the kill switch, bucket pauses and the
-circuit breaker in the same atomic step that records the start."""
+circuit breaker, and takes its rate-limit tokens, in the same atomic step that records the
+start."""
 
 from __future__ import annotations
 
 from farmhand.clock import FakeClock
-from farmhand.config import BreakerConfig
+from farmhand.config import BreakerConfig, Limit
 from farmhand.contracts import Attempt
 from farmhand.store import Store
-from farmhand.store.base import BreakerResult, Guard, Held
+from farmhand.store.base import Admitted, BreakerResult, Bucket, Guard, Held
 from store_support import S, claim_one, gate, make_intent, put, state_of
 
 KEY = "noop:default"
@@ -129,3 +130,104 @@ async def test_guard_checks_gate_before_pause_and_breaker(store: Store, clock: F
     await store.pause(BUCKET, clock.now() + 5, "HTTP 429", "ex_b")
     await store.set_gate(gate(clock))
     assert await store.start_attempts([claim.lease], [guard()]) == [Held("gate")]
+
+
+# -- guards that take tokens ------------------------------------------------------------
+
+TWO = Bucket(BUCKET, Limit(rate=1.0, burst=2))
+
+
+def taking(*buckets: Bucket, **kw: object) -> Guard:
+    """A guard that takes a token from each of ``buckets`` (and checks no pause of its own)."""
+    return guard(buckets=(), take=buckets or (TWO,), **kw)
+
+
+async def test_a_taking_guard_takes_its_tokens_with_the_start_in_lease_order(
+    store: Store, clock: FakeClock
+) -> None:
+    await put(store, *(make_intent(clock, k) for k in "abc"))
+    a, b, c = await store.claim("ex_a", 10, 30.0, [])
+    started = await store.start_attempts([a.lease, b.lease, c.lease], [taking()] * 3)
+    first, second, third = started
+    assert isinstance(first, Admitted)
+    assert isinstance(second, Admitted)
+    assert (first.attempt.attempt, first.attempt.fencing_token) == (1, a.lease.token)
+    assert first.attempt.started_at.timestamp() == clock.now()
+    assert (first.throttle.bucket, first.throttle.tokens, first.throttle.next_in) == (BUCKET, 1, 0)
+    assert (second.throttle.tokens, second.throttle.next_in) == (0, 1.0)
+    # the burst is spent: the third is held by the limiter, and has no attempt
+    assert isinstance(third, Held)
+    assert third.by == "limited"
+    assert third.throttle is not None
+    assert (third.throttle.bucket, third.throttle.wait) == (BUCKET, 1.0)
+    assert [(await store.get_intent(k)).attempts for k in "abc"] == [1, 1, 0]  # type: ignore[union-attr]
+    assert (await store.peek([TWO])).wait == 1.0
+    # a token later, the held one starts
+    clock.advance(1.0)
+    (late,) = await store.start_attempts([c.lease], [taking()])
+    assert isinstance(late, Admitted)
+    assert late.attempt.started_at.timestamp() == clock.now()
+
+
+async def test_a_held_or_lost_start_takes_no_token(store: Store, clock: FakeClock) -> None:
+    one = Bucket(BUCKET, Limit(rate=1.0, burst=1))
+    await put(store, *(make_intent(clock, k) for k in "abcd"))
+    a, b, c, d = await store.claim("ex_a", 10, 30.0, [])
+    await store.set_gate(gate(clock, kind="blocked.kind"))
+    failures = [BreakerResult("other:default", f"t{i}", False, "HTTP 503") for i in range(2)]
+    await store.breaker_record(failures, BREAKER, "ex_b")
+    lost = c.lease.model_copy(update={"token": c.lease.token + 1})
+    started = await store.start_attempts(
+        [a.lease, b.lease, lost, d.lease],
+        [
+            taking(one, kind="blocked.kind"),
+            taking(one, breaker="other:default"),
+            taking(one),
+            taking(one),
+        ],
+    )
+    assert started[:3] == [Held("gate"), Held("breaker"), None]
+    # the one token was still there for the last lease
+    assert isinstance(started[3], Admitted)
+    assert (started[3].throttle.tokens, started[3].throttle.next_in) == (0, 1.0)
+
+
+async def test_a_paused_bucket_holds_a_taking_guard_as_limited(
+    store: Store, clock: FakeClock
+) -> None:
+    await put(store, make_intent(clock, "k"))
+    claim = await claim_one(store)
+    await store.pause(BUCKET, clock.now() + 5, "HTTP 429", "ex_b")
+    (held,) = await store.start_attempts([claim.lease], [taking()])
+    assert isinstance(held, Held)
+    assert held.by == "limited"
+    assert held.throttle is not None
+    assert (held.throttle.wait, held.throttle.paused) == (5.0, "HTTP 429")
+    clock.advance(5)
+    assert (await store.peek([TWO])).tokens == 2
+
+
+async def test_a_taking_guard_takes_from_every_bucket_or_from_none(
+    store: Store, clock: FakeClock
+) -> None:
+    kind = Bucket(f"{BUCKET}:kind:noop", Limit(rate=1.0, burst=1))
+    await put(store, make_intent(clock, "a"), make_intent(clock, "b"))
+    a, b = await store.claim("ex_a", 10, 30.0, [])
+    first, second = await store.start_attempts([a.lease, b.lease], [taking(TWO, kind)] * 2)
+    assert isinstance(first, Admitted)
+    assert (first.throttle.bucket, first.throttle.next_in) == (kind.name, 1.0)
+    # the kind's bucket is empty: the account's keeps the token the second did not take
+    assert second == Held("limited", second.throttle)  # type: ignore[union-attr]
+    assert second.throttle is not None  # type: ignore[union-attr]
+    assert second.throttle.bucket == kind.name  # type: ignore[union-attr]
+    assert (await store.peek([TWO])).tokens == 1
+
+
+async def test_unguarded_and_taking_starts_mix_in_one_call(store: Store, clock: FakeClock) -> None:
+    await put(store, make_intent(clock, "a"), make_intent(clock, "b"))
+    a, b = await store.claim("ex_a", 10, 30.0, [])
+    plain, limited = await store.start_attempts([a.lease, b.lease], [guard(), taking()])
+    assert isinstance(plain, Attempt)
+    assert isinstance(limited, Admitted)
+    assert (plain.attempt, limited.attempt.attempt) == (1, 1)
+    assert (await store.peek([TWO])).tokens == 1

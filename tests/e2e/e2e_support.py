@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -311,3 +311,17 @@ def freeze(proc: ExecutorProcess, db: Path, attempts: int = 200) -> None:
 
 def stderr_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
+
+
+def window_excess(times: Sequence[float], rate: float, burst: int) -> tuple[float, int, float]:
+    """Over every window ``[t_i, t_j]`` of sorted event times: the largest ``events -
+    (burst + rate * span)`` (what a limit of ``rate``/s, bursts of ``burst``, would allow),
+    with that window's number of events and span."""
+    worst = (float("-inf"), 0, 0.0)
+    for i, start in enumerate(times):
+        for j in range(i, len(times)):
+            span = times[j] - start
+            excess = (j - i + 1) - (burst + rate * span)
+            if excess > worst[0]:
+                worst = (excess, j - i + 1, span)
+    return worst

@@ -12,9 +12,19 @@ claiming and releasing it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 
 import pytest
-from e2e_support import ArrivalSink, Executors, Farmhand, connect, poll, state_counts, write_config
+from e2e_support import (
+    ArrivalSink,
+    Executors,
+    Farmhand,
+    connect,
+    poll,
+    state_counts,
+    window_excess,
+    write_config,
+)
 
 RATE, BURST = 5.0, 5
 #: ~10 s of calls at the limit once the burst is spent
@@ -27,6 +37,9 @@ TOTAL = BURST + int(RATE * 10)
 #: little closer together. 50 ms is a quarter of a token at 5/s: anything a limiter that
 #: really let a call too many through would exceed by far.
 EPSILON = 0.05
+#: the attempts' start times, stamped by the store at the instant their tokens were taken,
+#: obey the limiter exactly, up to rounding (GCRA's 1e-6 s, microsecond timestamps)
+START_EPSILON = 0.001
 CONCURRENCY = 8
 EXECUTORS = 3
 
@@ -50,19 +63,6 @@ def audit_count(farmhand: Farmhand, action: str) -> int:
     with connect(farmhand.db) as conn:
         (n,) = conn.execute("SELECT count(*) FROM audit WHERE action = ?", (action,)).fetchone()
     return int(n)
-
-
-def window_excess(times: list[float]) -> tuple[float, int, float]:
-    """Over every window [t_i, t_j] of sorted arrival times: the largest
-    ``calls - (burst + rate * span)``, with that window's calls and span."""
-    worst = (float("-inf"), 0, 0.0)
-    for i, start in enumerate(times):
-        for j in range(i, len(times)):
-            span = times[j] - start
-            excess = (j - i + 1) - (BURST + RATE * span)
-            if excess > worst[0]:
-                worst = (excess, j - i + 1, span)
-    return worst
 
 
 def max_in_any_second(times: list[float]) -> int:
@@ -133,7 +133,7 @@ def test_three_executors_share_one_rate_limit(
     assert {c.status for c in calls} == {201}
 
     # the bound, in every window
-    excess, window_calls, window_span = window_excess(times)
+    excess, window_calls, window_span = window_excess(times, RATE, BURST)
     assert excess <= RATE * EPSILON, (
         f"{window_calls} calls arrived within {window_span:.3f}s; at most "
         f"{BURST + RATE * window_span:.2f} (+{RATE * EPSILON:.2f} for the epsilon) are allowed"
@@ -145,9 +145,22 @@ def test_three_executors_share_one_rate_limit(
 
     # waiting for a token spends no attempt and fails nothing
     assert state_counts(farmhand.db, account="limited") == {"succeeded": TOTAL}
-    for intent in farmhand.intents("--account", "limited"):
+    limited = farmhand.intents("--account", "limited")
+    for intent in limited:
         assert intent["attempts"] == 1, intent
         assert [r["outcome"] for r in intent["receipts"]] == ["succeeded"], intent
+
+    # the attempts started when their tokens were taken: their start times obey the bound
+    starts = sorted(
+        datetime.fromisoformat(r["started_at"]).timestamp()
+        for intent in limited
+        for r in intent["receipts"]
+    )
+    start_excess, start_calls, start_span = window_excess(starts, RATE, BURST)
+    assert start_excess <= RATE * START_EPSILON, (
+        f"{start_calls} attempts started within {start_span:.6f}s; at most "
+        f"{BURST + RATE * start_span:.3f} are allowed"
+    )
     released = audit_count(farmhand, "rate_limited")
     claims = audit_count(farmhand, "claim") - warm
     # no churn: about one batch per executor while they learn the limit, then rarely more
@@ -166,6 +179,7 @@ def test_three_executors_share_one_rate_limit(
         tightest_window=f"{window_calls} calls in {window_span:.3f}s",
         tightest_window_bound=round(BURST + RATE * window_span, 3),
         worst_excess_calls=round(excess, 3),
+        worst_start_excess=round(start_excess, 6),
         rate_limited_releases=released,
         claims=claims,
     )

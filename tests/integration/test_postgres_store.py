@@ -15,9 +15,11 @@ import pytest
 
 from backends import fresh_postgres_url
 from farmhand.clock import FakeClock
+from farmhand.config import Limit
 from farmhand.contracts import Intent, IntentState
 from farmhand.errors import InvalidInput, InvalidTransition, StoreError
 from farmhand.store import Change, NewIntent, Store, open_store
+from farmhand.store.base import Admitted, Bucket, Guard, Held
 from farmhand.store.postgres import PostgresStore
 from farmhand.store.postgres_setup import latest_version, mask
 from farmhand.testing.servers import LocalPostgres
@@ -387,3 +389,68 @@ async def test_one_key_submitted_through_two_stores_at_once(db_url: str) -> None
     finally:
         for store in stores:
             await store.close()
+
+
+# -- starts that take tokens ------------------------------------------------------------
+
+
+def taking(name: str, burst: int) -> Guard:
+    return Guard("noop", "default", take=(Bucket(name, Limit(rate=1.0, burst=burst)),))
+
+
+async def test_a_start_takes_its_token_at_its_start_on_the_server_clock(
+    pg: PostgresStore, db_url: str
+) -> None:
+    await put(pg, make_intent(FakeClock(), "k"))
+    (claim,) = await pg.claim("ex_a", 10, 30.0, [])
+    before = await server_now(db_url)
+    (started,) = await pg.start_attempts([claim.lease], [taking("account:default", 2)])
+    assert isinstance(started, Admitted)
+    async with await psycopg.AsyncConnection.connect(db_url) as conn:
+        cur = await conn.execute(
+            "SELECT a.started_at, b.tat FROM attempts a, buckets b WHERE b.name = %s",
+            ("account:default",),
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    at, tat = row
+    # one timeline: the token (a fresh bucket's tat is now + 1 / rate) and the start
+    assert tat == at + 1.0
+    assert before <= at <= await server_now(db_url)
+
+
+async def test_starts_through_two_stores_share_one_bucket(db_url: str) -> None:
+    clock = FakeClock()
+    stores = [await open_store(db_url, clock) for _ in range(2)]
+    try:
+        guard = taking("account:default", 2)
+        for round_ in range(5):
+            clock.advance(2.0)  # the burst back (after the first round, with its row)
+            await put(stores[0], *(make_intent(clock, f"r{round_}-{n}") for n in range(6)))
+            claims = await stores[0].claim("ex_a", 6, 30.0, [])
+            answers = await asyncio.gather(
+                *(
+                    store.start_attempts([c.lease for c in half], [guard] * len(half))
+                    for store, half in zip(stores, (claims[:3], claims[3:]), strict=True)
+                )
+            )
+            results = [r for answer in answers for r in answer]
+            # the bucket's row lock orders the two: two tokens, whoever got them
+            assert sum(isinstance(r, Admitted) for r in results) == 2
+            assert sum(isinstance(r, Held) and r.by == "limited" for r in results) == 4
+    finally:
+        for store in stores:
+            await store.close()
+
+
+async def test_a_taking_batch_naming_an_intent_twice_starts_it_twice(pg: PostgresStore) -> None:
+    await put(pg, make_intent(FakeClock(), "k"))
+    (claim,) = await pg.claim("ex_a", 10, 30.0, [])
+    started = await pg.start_attempts([claim.lease] * 3, [taking("account:default", 2)] * 3)
+    first, second, third = started
+    assert isinstance(first, Admitted)
+    assert isinstance(second, Admitted)
+    assert (first.attempt.attempt, second.attempt.attempt) == (1, 2)
+    assert first.attempt.started_at == second.attempt.started_at
+    assert isinstance(third, Held)
+    assert third.by == "limited"

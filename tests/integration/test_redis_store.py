@@ -1,12 +1,14 @@
 """What only the Redis store does: namespaces, the server's clock, stream delivery with
-XAUTOCLAIM in real time, wake-ups through the wake stream, AOF durability across a crash, and
-passwords kept out of URLs and messages. The shared contract is in tests/contract/."""
+XAUTOCLAIM in real time, wake-ups through the wake stream, optimistic token takes with an
+attempt start, AOF durability across a crash, and passwords kept out of URLs and messages.
+The shared contract is in tests/contract/."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -14,11 +16,13 @@ import redis.asyncio as aioredis
 from backends import fresh_redis_url
 from farmhand.canonical import payload_hash
 from farmhand.clock import FakeClock
+from farmhand.config import Limit
 from farmhand.contracts import Intent, IntentState, Outcome, Receipt
 from farmhand.contracts.base import utc
 from farmhand.errors import InvalidInput, StoreError
 from farmhand.ids import new_id
 from farmhand.store import Change, Claim, IntentQuery, NewIntent, Store, open_store
+from farmhand.store.base import Admitted, Bucket, Guard
 from farmhand.store.redis import RedisStore
 from farmhand.store.redis_setup import mask, parse
 from farmhand.testing.servers import LocalRedis, free_port
@@ -353,6 +357,61 @@ async def test_leases_and_outcomes_wake_no_one_releases_do(rs: RedisStore, url: 
         assert await rs.change_counter() != since
     finally:
         await other.close()
+
+
+# -- attempt starts that take tokens ------------------------------------------------------
+
+BURST_TWO = Bucket("account:default", Limit(rate=1.0, burst=2))
+TAKING = Guard("noop", "default", take=(BURST_TWO,))
+
+
+@pytest.mark.parametrize("race", ["another take", "a slow decision"])
+async def test_a_start_whose_tokens_were_decided_on_stale_buckets_decides_again(
+    rs: RedisStore, url: str, monkeypatch: pytest.MonkeyPatch, race: str
+) -> None:
+    await put(rs, "k")
+    (claim,) = await rs.claim("ex_a", 1, 30, [])
+    other = await open_store(url)
+    scripts: list[str] = []
+    read, run = rs._limits._read, rs._link.run
+
+    async def racing_read(table: str, names: Sequence[str]) -> tuple[float, dict[str, str]]:
+        found = await read(table, names)
+        if race == "another take":
+            await other.take([[BURST_TWO]])
+        else:  # older than the 50 ms a decision may lag the server's clock
+            await asyncio.sleep(0.06)
+        return found
+
+    async def counted_run(name: str, args: Sequence[Any], now: str | None = None) -> Any:
+        scripts.append(name)
+        return await run(name, args, now)
+
+    monkeypatch.setattr(rs._limits, "_read", racing_read)
+    monkeypatch.setattr(rs._link, "run", counted_run)
+    try:
+        (started,) = await rs.start_attempts([claim.lease], [TAKING])
+    finally:
+        monkeypatch.undo()
+        await other.close()
+    assert isinstance(started, Admitted)
+    # the first decision was not written; the second was made on what start.lua read then
+    assert scripts == ["rows", "start", "start"]
+    left = 0 if race == "another take" else 1
+    assert started.throttle.tokens == left
+    assert (await rs.peek([BURST_TWO])).tokens == left
+    status = await rs.get_intent("k")
+    assert status is not None
+    assert status.attempts == 1
+
+
+async def test_tokens_taken_with_a_start_wake_no_one(rs: RedisStore) -> None:
+    await put(rs, "k")
+    (claim,) = await rs.claim("ex_a", 1, 30, [])
+    since = await rs.change_counter()
+    (started,) = await rs.start_attempts([claim.lease], [TAKING])
+    assert isinstance(started, Admitted)
+    assert await rs.change_counter() == since
 
 
 # -- durability ---------------------------------------------------------------------------

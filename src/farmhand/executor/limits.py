@@ -1,12 +1,15 @@
 """Central rate limits and the shared circuit breaker, as one executor applies them.
 
-Per claimed intent, after the kill switch and expiry: rate limit (a token from each of its
-buckets, see :mod:`farmhand.executor.ratelimit`) -> breaker (see
-:mod:`farmhand.executor.breaker`) -> "attempt started" -> call. An intent that must wait is
-released to ``pending`` with ``ready_at`` at the end of the wait (audit action
-``rate_limited`` or ``breaker_open``): no attempt is spent and it is not failed. After the
-call its result goes to the breaker, and a provider's Retry-After pauses the account's
-bucket for every executor.
+Per claimed intent, after the kill switch and expiry, one guarded start in the store checks
+the kill switch and the breaker (see :mod:`farmhand.executor.breaker`) and takes a token
+from each of its rate-limited buckets (see :mod:`farmhand.executor.ratelimit`) in the same
+atomic step that records "attempt started": the attempt starts at the moment its tokens
+were taken, however long the executor then takes to make the call. A breaker that is not
+closed (or a pause) sends the intent through :meth:`Limits.enter`, then a second guarded
+start. An intent that must wait is released to ``pending`` with ``ready_at`` at the end of
+the wait (audit action ``rate_limited`` or ``breaker_open``): no attempt is spent, no token
+taken, and it is not failed. After the call its result goes to the breaker, and a
+provider's Retry-After pauses the account's bucket for every executor.
 
 Churn. An executor that learns a bucket or breaker is blocked until T (a refused take, the
 last token taken, an open breaker, a pause) keeps that scope -- the account, or kind and
@@ -45,6 +48,7 @@ from farmhand.store.base import (
     Claim,
     Guard,
     Store,
+    Throttle,
 )
 
 log = logging.getLogger("farmhand.executor")
@@ -103,8 +107,8 @@ class Limits:
         #: a result waiting in _results must be recorded now (see SUCCESS_FLUSH)
         self._urgent = asyncio.Event()
         self._last_record = -SUCCESS_FLUSH
-        #: per kind and account: whether its calls take tokens, and its guard
-        self._guards: dict[tuple[str, str], tuple[bool, Guard]] = {}
+        #: per kind and account: its guard, and its guard once the breaker was entered
+        self._guards: dict[tuple[str, str], tuple[Guard, Guard]] = {}
         #: intents that entered a half-open breaker as its probe
         self._probes: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -173,69 +177,74 @@ class Limits:
 
     # -- before the attempt -----------------------------------------------------------
 
-    def split(self, claims: Sequence[Claim]) -> tuple[list[Claim], list[Claim]]:
-        """``claims`` whose buckets have no rate (nothing to take, only a pause can hold
-        them: the store's guarded start checks it), and those that must take tokens."""
-        free: list[Claim] = []
-        limited: list[Claim] = []
-        for claim in claims:
-            (limited if self._scope(claim.intent)[0] else free).append(claim)
-        return free, limited
+    def guards(self, claims: Sequence[Claim], *, entered: bool = False) -> list[Guard]:
+        """What the store must find clear, or take, when it starts each of ``claims``: the
+        kill switch, the breaker, and either the pauses of buckets without a rate or the
+        tokens of rate-limited ones (taken with the start, so the attempt starts when its
+        tokens were taken). ``entered``: the breakers were entered (:meth:`enter`), and
+        every bucket is judged as a take, which explains a pause by how long it lasts."""
+        return [self._scope(claim.intent)[1 if entered else 0] for claim in claims]
 
-    def guards(self, claims: Sequence[Claim]) -> list[Guard]:
-        """What the store must find clear when it starts each of ``claims`` (unlimited
-        buckets, see :meth:`split`): kill switch, the buckets' pauses, the breaker."""
-        return [self._scope(claim.intent)[1] for claim in claims]
-
-    def _scope(self, intent: Intent) -> tuple[bool, Guard]:
-        """Whether a call for ``intent`` takes tokens, and its full guard (the settings do
-        not change while the executor runs: one answer per kind and account)."""
+    def _scope(self, intent: Intent) -> tuple[Guard, Guard]:
+        """The guard of ``intent``'s kind and account, and the same after its breaker was
+        entered (the settings do not change while the executor runs: one answer each)."""
         found = self._guards.get((intent.kind, intent.account))
         if found is None:
-            request = ratelimit.buckets(intent, self._settings.account(intent.account))
-            names = tuple(b.name for b in request)
+            request = tuple(ratelimit.buckets(intent, self._settings.account(intent.account)))
             key = breaker.key(intent.kind, intent.account)
-            limited = any(b.limit is not None for b in request)
-            found = (limited, Guard(intent.kind, intent.account, names, key))
+            entered = Guard(intent.kind, intent.account, take=request)
+            if any(b.limit is not None for b in request):
+                found = (Guard(intent.kind, intent.account, breaker=key, take=request), entered)
+            else:
+                # nothing to take: a pause is all the buckets can hold it by, and checking
+                # one writes nothing
+                names = tuple(b.name for b in request)
+                found = (Guard(intent.kind, intent.account, names, key), entered)
             self._guards[(intent.kind, intent.account)] = found
         return found
 
-    async def admit(self, claims: Sequence[Claim]) -> tuple[list[Claim], list[Change]]:
-        """Rate limit, then breaker, for claims about to start an attempt: those that may
-        call now, and the changes that release the rest to wait (no attempt spent)."""
-        if not claims:
-            return [], []
-        requests = [
-            ratelimit.buckets(c.intent, self._settings.account(c.intent.account)) for c in claims
-        ]
-        throttles = await self._store.take(requests)
+    def took(self, claim: Claim, throttle: Throttle) -> None:
+        """A start took its tokens: when that was a bucket's last, stay away until the next
+        one (nothing refused)."""
+        if throttle.bucket is not None and throttle.next_in > 0:
+            bucket = self._bucket(claim.intent, throttle.bucket)
+            if bucket is not None:
+                self._block_bucket(claim.intent, bucket, self._clock.now() + throttle.next_in)
+
+    def refused(self, refusals: Sequence[tuple[Claim, Throttle]]) -> list[Change]:
+        """The changes that send claims the rate limiter refused back to wait (no attempt
+        spent), one token apart per bucket, and keep their scopes out of claims meanwhile."""
         now = self._clock.now()
         held: list[Change] = []
-        passed: list[Claim] = []
         behind: dict[str, int] = {}
-        for claim, request, throttle in zip(claims, requests, throttles, strict=True):
-            named = {b.name: b for b in request}
-            bucket = named.get(throttle.bucket or "")
-            if throttle.wait > 0 and bucket is not None:
-                # intents sent to wait behind one bucket come back one token apart
-                n = behind[bucket.name] = behind.get(bucket.name, 0) + 1
-                spread = (n - 1) / bucket.limit.rate if bucket.limit is not None else 0.0
-                until = now + throttle.wait + spread
-                reason = ratelimit.wait_reason(throttle, bucket, until)
-                held.append(self._hold(claim, "rate_limited", reason, until))
-                self._block_bucket(claim.intent, bucket, now + throttle.wait)
+        for claim, throttle in refusals:
+            bucket = self._bucket(claim.intent, throttle.bucket or "")
+            if bucket is None:
                 continue
-            passed.append(claim)
-            if bucket is not None and throttle.next_in > 0:
-                # that was its last token: stay away until the next one, nothing refused
-                self._block_bucket(claim.intent, bucket, now + throttle.next_in)
-        if not passed:
-            return [], held
-        entries = [(breaker.key(c.intent.kind, c.intent.account), c.intent.id) for c in passed]
+            # intents sent to wait behind one bucket come back one token apart
+            n = behind[bucket.name] = behind.get(bucket.name, 0) + 1
+            spread = (n - 1) / bucket.limit.rate if bucket.limit is not None else 0.0
+            until = now + throttle.wait + spread
+            reason = ratelimit.wait_reason(throttle, bucket, until)
+            held.append(self._hold(claim, "rate_limited", reason, until))
+            self._block_bucket(claim.intent, bucket, now + throttle.wait)
+        return held
+
+    def _bucket(self, intent: Intent, name: str) -> Bucket | None:
+        return next((b for b in self._scope(intent)[1].take if b.name == name), None)
+
+    async def enter(self, claims: Sequence[Claim]) -> tuple[list[Claim], list[Change]]:
+        """Enter the breakers of claims a guarded start held back: those that may start now
+        (closed, or the one half-open probe), and the changes that release the rest to wait
+        (no attempt spent)."""
+        if not claims:
+            return [], []
+        entries = [(breaker.key(c.intent.kind, c.intent.account), c.intent.id) for c in claims]
         statuses = await self._store.breaker_enter(entries, self._owner, self._ttl)
         now = self._clock.now()
         go: list[Claim] = []
-        for claim, (key, _), status in zip(passed, entries, statuses, strict=True):
+        held: list[Change] = []
+        for claim, (key, _), status in zip(claims, entries, statuses, strict=True):
             if status.probe:
                 log.info("circuit breaker %s is half-open: %s probes it", key, claim.intent.id)
                 self._probes.add(claim.intent.id)

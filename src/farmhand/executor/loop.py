@@ -31,7 +31,7 @@ from farmhand.executor.limits import Limits
 from farmhand.ids import new_id
 from farmhand.keys import Keyring
 from farmhand.secrets import SecretStore
-from farmhand.store.base import Change, Claim, Guard, Held, Store
+from farmhand.store.base import Admitted, Change, Claim, Guard, Held, Store, Throttle
 
 log = logging.getLogger("farmhand.executor")
 
@@ -243,21 +243,20 @@ class Executor:
                     )
                 else:
                     to_start.append(claim)
-        # starts first: a token just taken is spent as soon as possible, so the calls keep
-        # the spacing the rate limit gave them; what was refused can wait a round trip
+        # starts first, and gated refusals after: what was refused can wait a round trip
         gated: list[Claim] = []
         if to_start:
-            # no token to take: the store checks pauses and breaker with the start itself
-            fast, limited = self._limits.split(to_start)
-            held_back, gated = await self._start(fast, self._limits.guards(fast))
-            if slow := limited + held_back:
-                # rate limit, then breaker: what must wait goes back to pending, no attempt
-                # spent; the rest start, the kill switch still checked by the store
-                go, held = await self._limits.admit(slow)
+            held_back, gated, limited = await self._start(to_start, self._limits.guards(to_start))
+            refusals += limited
+            if held_back:
+                # a pause or a breaker that is not closed: enter the breakers (a half-open
+                # one lets one probe through), then start again, explaining any wait
+                go, held = await self._limits.enter(held_back)
                 refusals += held
-                _, closed_late = await self._start(
-                    go, [Guard(c.intent.kind, c.intent.account) for c in go]
+                _, closed_late, limited = await self._start(
+                    go, self._limits.guards(go, entered=True)
                 )
+                refusals += limited
                 gated += closed_late
         if gated:
             # closed after the claim: read the gates again for the reason
@@ -271,24 +270,34 @@ class Executor:
 
     async def _start(
         self, claims: Sequence[Claim], guards: Sequence[Guard]
-    ) -> tuple[list[Claim], list[Claim]]:
-        """Start the attempts of ``claims`` and spawn their calls; the claims a pause or a
-        breaker held back, and those a closed gate held."""
+    ) -> tuple[list[Claim], list[Claim], list[Change]]:
+        """Start the attempts of ``claims`` (taking their tokens) and spawn their calls; the
+        claims a pause or a breaker held back, those a closed gate held, and the changes
+        that send those the rate limiter refused back to wait."""
         held_back: list[Claim] = []
         gated: list[Claim] = []
+        limited: list[tuple[Claim, Throttle]] = []
         if not claims:
-            return held_back, gated
+            return held_back, gated, []
         started = await self.store.start_attempts([c.lease for c in claims], guards)
         for claim, attempt in zip(claims, started, strict=True):
             if attempt is None:
                 log.warning("lease on %s lost before its attempt started", claim.intent.id)
                 self._release(claim.intent.id, claim.lease.token)
             elif isinstance(attempt, Held):
-                (gated if attempt.by == "gate" else held_back).append(claim)
+                if attempt.by == "gate":
+                    gated.append(claim)
+                elif attempt.by == "limited" and attempt.throttle is not None:
+                    limited.append((claim, attempt.throttle))
+                else:
+                    held_back.append(claim)
             else:
+                if isinstance(attempt, Admitted):
+                    self._limits.took(claim, attempt.throttle)
                 self._held[claim.intent.id].started = True
-                self._spawn(self._call(claim, attempt))
-        return held_back, gated
+                record = attempt.attempt if isinstance(attempt, Admitted) else attempt
+                self._spawn(self._call(claim, record))
+        return held_back, gated, self._limits.refused(limited)
 
     @staticmethod
     def _gated(claim: Claim, rule: GateRule | None, now: float) -> Change:

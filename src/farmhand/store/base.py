@@ -81,11 +81,16 @@ class Guard:
     buckets: tuple[str, ...] = ()
     #: a circuit breaker that must be closed; None when the caller already entered it
     breaker: str | None = None
+    #: buckets to take one token from each (as :meth:`Store.take` does for one request),
+    #: once nothing else holds the attempt back: the attempt then starts at the very moment
+    #: its tokens were taken. An empty or paused bucket holds it, taking nothing.
+    take: tuple[Bucket, ...] = ()
 
 
 #: why a guarded start was refused: a closed kill switch, a paused bucket, a breaker that
-#: is not closed (the caller then takes the slow path, which explains and decides)
-HeldBy = Literal["gate", "paused", "breaker"]
+#: is not closed (the caller then takes the slow path, which explains and decides), or the
+#: rate limiter, which refused the tokens of ``Guard.take``
+HeldBy = Literal["gate", "paused", "breaker", "limited"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +98,17 @@ class Held:
     """A guarded start that did not happen because something held it back."""
 
     by: HeldBy
+    #: by ``limited``: the rate limiter's answer (which bucket, how long to wait)
+    throttle: Throttle | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A guarded start that took the tokens of its ``Guard.take``: the attempt, and the rate
+    limiter's answer (how many tokens are left, when the next one comes)."""
+
+    attempt: Attempt
+    throttle: Throttle
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,11 +242,14 @@ class Store(Protocol):
 
     async def start_attempts(
         self, leases: Sequence[Lease], guards: Sequence[Guard] | None = None
-    ) -> list[Attempt | Held | None]:
+    ) -> list[Attempt | Admitted | Held | None]:
         """Durably record a new attempt for each lease whose token is still current (None
         where it is not). With ``guards`` (one per lease), only where, at that same moment,
-        :func:`farmhand.store.limits_logic.held_by` finds nothing holding it back; else
-        :class:`Held` says what did. Without guards, never :class:`Held`."""
+        :func:`farmhand.store.limits_logic.held_by` finds nothing holding it back and the
+        tokens of the guard's ``take`` can be had (taken in lease order, as one
+        :meth:`take` would, at the moment the attempt is stamped as started); else
+        :class:`Held` says what did. A start that took tokens is :class:`Admitted`. Without
+        guards, never :class:`Held`; a lost lease or a held start takes no token."""
         ...
 
     async def renew(self, leases: Sequence[Lease], ttl: float) -> list[Lease | None]:

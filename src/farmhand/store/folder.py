@@ -34,6 +34,7 @@ from farmhand.contracts.base import utc
 from farmhand.contracts.state import allowed
 from farmhand.errors import InvalidTransition, StoreError
 from farmhand.store.base import (
+    Admitted,
     BreakerResult,
     BreakerStatus,
     Bucket,
@@ -50,6 +51,7 @@ from farmhand.store.folder_journal import NODE_ENV, Journal, node_id, parse_url
 from farmhand.store.folder_limits import FolderLimits
 from farmhand.store.folder_records import (
     Approved,
+    BucketSet,
     Changed,
     Claimed,
     GateSet,
@@ -58,7 +60,7 @@ from farmhand.store.folder_records import (
     Submitted,
 )
 from farmhand.store.folder_view import Batch
-from farmhand.store.limits_logic import guarded_rows, held_by
+from farmhand.store.limits_logic import BucketRow, admit, guarded_rows, held_by
 
 T = TypeVar("T")
 
@@ -210,22 +212,25 @@ class FolderStore:
 
     async def start_attempts(
         self, leases: Sequence[Lease], guards: Sequence[Guard] | None = None
-    ) -> list[Attempt | Held | None]:
+    ) -> list[Attempt | Admitted | Held | None]:
         journal = self._journal
 
-        def run() -> list[Attempt | Held | None]:
+        def run() -> list[Attempt | Admitted | Held | None]:
             with journal.locked():
                 journal.check_executor()
                 batch = journal.batch()
                 view = journal.view
                 held: list[Held | None] = [None] * len(leases)
+                checks: Sequence[Guard | None] = guards or [None] * len(leases)
+                buckets: dict[str, BucketRow] = {}
                 if guards:
                     closed = gate_rules.closed(view.gates())
                     names, keys = guarded_rows(guards)
                     buckets, breakers = view.bucket_rows(names), view.breaker_rows(keys)
                     held = [held_by(g, closed, buckets, breakers, batch.at) for g in guards]
-                out: list[Attempt | Held | None] = []
-                for lease, holder in zip(leases, held, strict=True):
+                taken: dict[str, float] = {}
+                out: list[Attempt | Admitted | Held | None] = []
+                for lease, guard, holder in zip(leases, checks, held, strict=True):
                     iid, state = lease.intent_id, batch.current(lease.intent_id)
                     if (
                         state is None
@@ -235,14 +240,20 @@ class FolderStore:
                     ):
                         out.append(None)
                         continue
-                    if holder is not None:
-                        out.append(holder)
+                    verdict = admit(guard, holder, buckets, batch.at, taken)
+                    if isinstance(verdict, Held):
+                        out.append(verdict)
                         continue
                     attempt = state.attempts + 1
                     origin = batch.origin()
                     batch.add(Started(origin, iid, state.tip, attempt, lease.owner, lease.token))
                     started = batch.current(iid)
-                    out.append(started.last_start if started is not None else None)
+                    record = started.last_start if started is not None else None
+                    out.append(
+                        record if record is None or verdict is None else Admitted(record, verdict)
+                    )
+                for name, tat in taken.items():
+                    batch.add(BucketSet(batch.origin(), name, tat))
                 journal.commit(batch)
             return out
 

@@ -193,10 +193,39 @@ def held_by(
 
 
 def guarded_rows(guards: Sequence[Guard]) -> tuple[list[str], list[str]]:
-    """The buckets and the breakers that ``guards`` name, each once."""
-    buckets = sorted({name for guard in guards for name in guard.buckets})
+    """The buckets (to check for a pause, or to take from) and the breakers that ``guards``
+    name, each once."""
+    buckets = sorted({name for g in guards for name in (*g.buckets, *(b.name for b in g.take))})
     breakers = sorted({g.breaker for g in guards if g.breaker is not None})
     return buckets, breakers
+
+
+def take_for(
+    guard: Guard, rows: dict[str, BucketRow], now: float, changed: dict[str, float]
+) -> Held | Throttle:
+    """Take the tokens of ``guard.take`` for a start that nothing else holds back, as
+    :func:`take` would; ``rows`` and ``changed`` (the new ``tat`` per bucket, for the store
+    to write) are updated in place. A refusal is ``Held("limited")`` and takes nothing."""
+    (answer,), tats = take([guard.take], rows, now)
+    if answer.wait > 0.0:
+        return Held("limited", answer)
+    changed.update(tats)
+    return answer
+
+
+def admit(
+    guard: Guard | None,
+    held: Held | None,
+    rows: dict[str, BucketRow],
+    now: float,
+    changed: dict[str, float],
+) -> Held | Throttle | None:
+    """What a start whose lease is current meets: ``held`` (:func:`held_by`'s answer) if
+    something holds it; else, when its guard takes tokens, :func:`take_for`'s answer; else
+    None (it starts, nothing taken)."""
+    if held is not None or guard is None or not guard.take:
+        return held
+    return take_for(guard, rows, now, changed)
 
 
 def quiet(rows: dict[str, BreakerRow], *, failures: bool = False) -> bool:

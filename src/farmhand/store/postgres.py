@@ -1,12 +1,12 @@
 """The server store: PostgreSQL through psycopg 3 and a connection pool.
 
 For many executors on many hosts. Each public method is one transaction of the store's own
-statements, batched (the statements are in postgres_sql.py): a claim, a start of attempts,
-a renewal or an ``apply`` is one statement whatever the batch size. Claims take rows with
-``FOR UPDATE SKIP LOCKED``, so executors never wait on each other's claims. Times come from
-the database server's clock unless a clock is given (tests), so that every executor judges
-leases and rate limits on one timeline. ``wait_for_change`` listens for the NOTIFY a
-trigger sends on every commit.
+statements, batched (the statements are in postgres_sql.py): a claim, a start of attempts
+that takes no tokens, a renewal or an ``apply`` is one statement whatever the batch size (a
+start that takes tokens, two round trips). Claims take rows with ``FOR UPDATE SKIP LOCKED``,
+so executors never wait on each other's claims. Times come from the database server's clock
+unless a clock is given (tests), so that every executor judges leases and rate limits on one
+timeline. ``wait_for_change`` listens for the NOTIFY a trigger sends on every commit.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager, nullcontext
+from contextlib import asynccontextmanager, nullcontext, suppress
 from typing import Any
 
 import psycopg
@@ -39,6 +39,7 @@ from farmhand.store import postgres_limits as limits
 from farmhand.store import postgres_rows as conv
 from farmhand.store import postgres_sql as q
 from farmhand.store.base import (
+    Admitted,
     BreakerResult,
     BreakerStatus,
     Bucket,
@@ -53,7 +54,7 @@ from farmhand.store.base import (
     Throttle,
 )
 from farmhand.store.kept_readiness import KeptReadiness
-from farmhand.store.limits_logic import quiet
+from farmhand.store.limits_logic import admit, quiet
 from farmhand.store.postgres_setup import Notifier, Target, connect, migrate, parse_url
 
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
@@ -63,6 +64,8 @@ _GATES_FRESH = 0.25
 _GIVES_WORK = frozenset({IntentState.PENDING, IntentState.RETRY_WAIT})
 #: seconds to wait for the pool's first connection, or for a free one
 _POOL_TIMEOUT = 30.0
+#: a connection's transaction states that a failed transaction must roll back
+_OPEN = frozenset({psycopg.pq.TransactionStatus.INTRANS, psycopg.pq.TransactionStatus.INERROR})
 
 
 class PostgresStore:
@@ -168,6 +171,23 @@ class PostgresStore:
                 f"PostgreSQL error on {where}: {self._target.scrub(str(exc))}"
             ) from exc
 
+    @staticmethod
+    @asynccontextmanager
+    async def _pipelined(conn: Conn) -> AsyncIterator[None]:
+        """A transaction in pipeline mode that BEGIN and COMMIT, sent as statements, delimit:
+        a read, a decision and a write cost two round trips. (psycopg's transaction() in a
+        pipeline waits for a sync as it begins and as each pipeline it nests ends: five.)"""
+        try:
+            async with conn.pipeline():
+                await conn.execute("BEGIN")
+                yield
+                await conn.execute("COMMIT")
+        except BaseException:
+            if conn.info.transaction_status in _OPEN:
+                with suppress(psycopg.Error):  # a broken connection: the pool drops it
+                    await conn.execute("ROLLBACK")
+            raise
+
     async def _rows(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
         async with self._conn() as conn:
             cur = await conn.execute(sql, params)
@@ -261,8 +281,10 @@ class PostgresStore:
 
     async def start_attempts(
         self, leases: Sequence[Lease], guards: Sequence[Guard] | None = None
-    ) -> list[Attempt | Held | None]:
-        out: list[Attempt | Held | None] = [None] * len(leases)
+    ) -> list[Attempt | Admitted | Held | None]:
+        if guards and any(guard.take for guard in guards):
+            return await self._start_taking(leases, guards)
+        out: list[Attempt | Admitted | Held | None] = [None] * len(leases)
         checks: Sequence[Guard | None] = guards or [None] * len(leases)
         items = list(zip(leases, checks, strict=True))
         rounds = conv.rounds(items, lambda item: item[0].intent_id)
@@ -278,30 +300,79 @@ class PostgresStore:
         for batch, started in zip(rounds, found, strict=True):
             for index, (lease, _) in batch:
                 row = started.get(lease.intent_id)
-                if row is None:
-                    continue
-                attempt, at, held = row
-                out[index] = (
-                    Held(held)
-                    if held is not None
-                    else Attempt(
-                        intent_id=lease.intent_id,
-                        attempt=attempt,
-                        executor=lease.owner,
-                        fencing_token=lease.token,
-                        started_at=utc(at),
-                    )
-                )
+                if row is not None:
+                    number, at, held = row
+                    out[index] = Held(held) if held is not None else _attempt(lease, number, at)
         return out
 
-    @staticmethod
+    async def _start_taking(
+        self, leases: Sequence[Lease], guards: Sequence[Guard]
+    ) -> list[Attempt | Admitted | Held | None]:
+        """``start_attempts`` when a guard takes tokens: one transaction, two round trips.
+        The buckets taken from are locked first and ``now`` read after them, as ``take``
+        does; every lease is judged at that now (JUDGE_STARTS, its intent locked), the
+        tokens taken in lease order, and the tats written with the starts, stamped at that
+        now."""
+        items = list(zip(leases, guards, strict=True))
+        out: list[Attempt | Admitted | Held | None] = [None] * len(items)
+        taken: dict[str, float] = {}
+        go: list[tuple[int, Lease, Throttle | None]] = []
+        records = conv.records([conv.start_record(lease, guard) for lease, guard in items])
+        async with self._conn() as conn:
+            async with self._pipelined(conn):
+                locked = await limits.lock_buckets(conn, [guard.take for guard in guards])
+                judging = await conn.execute(q.JUDGE_STARTS, (self._fixed(), records))
+                rows = limits.buckets(await locked.fetchall())
+                found = await judging.fetchall()
+                now: float = found[0][2]
+                judged = {(id_, token): rest for id_, token, _, *rest in found}
+                for index, (lease, guard) in enumerate(items):
+                    current, held = judged[(lease.intent_id, lease.token)]
+                    if not current:
+                        continue
+                    holder = Held(held) if held is not None else None
+                    verdict = admit(guard, holder, rows, now, taken)
+                    if isinstance(verdict, Held):
+                        out[index] = verdict
+                    else:
+                        go.append((index, lease, verdict))
+                await limits.save_tats(conn, taken)
+                rounds = conv.rounds(go, lambda item: item[1].intent_id)
+                sent = [
+                    await self._send_round(conn, now, [(lease, None) for _, (_, lease, _) in batch])
+                    for batch in rounds
+                ]
+            # the pipeline's end (after the COMMIT) brought the results of the starts
+            for batch, cur in zip(rounds, sent, strict=True):
+                started = await self._started(cur)
+                for _, (index, lease, throttle) in batch:
+                    row = started.get(lease.intent_id)
+                    if row is not None:
+                        attempt = _attempt(lease, row[0], row[1])
+                        out[index] = attempt if throttle is None else Admitted(attempt, throttle)
+        # a tat written wakes the other stores (the buckets' trigger), as take's does: it
+        # counts here too, for the other executors of this store; the start wakes no one
+        self._changed(bool(taken))
+        return out
+
+    @classmethod
     async def _start_round(
-        conn: Conn, fixed: float | None, batch: list[tuple[int, tuple[Lease, Guard | None]]]
+        cls, conn: Conn, fixed: float | None, batch: list[tuple[int, tuple[Lease, Guard | None]]]
     ) -> dict[str, tuple[int, float, HeldBy | None]]:
+        return await cls._started(await cls._send_round(conn, fixed, [i for _, i in batch]))
+
+    @staticmethod
+    async def _send_round(
+        conn: Conn, fixed: float | None, items: Sequence[tuple[Lease, Guard | None]]
+    ) -> limits.Cursor:
+        """Send START_ATTEMPTS for ``items`` (each intent once)."""
         # in id order: concurrent batches then lock their rows in one order
-        items = sorted((item for _, item in batch), key=lambda item: item[0].intent_id)
-        records = [conv.start_record(lease, guard) for lease, guard in items]
-        cur = await conn.execute(q.START_ATTEMPTS, (fixed, conv.records(records)))
+        ordered = sorted(items, key=lambda item: item[0].intent_id)
+        records = [conv.start_record(lease, guard) for lease, guard in ordered]
+        return await conn.execute(q.START_ATTEMPTS, (fixed, conv.records(records)))
+
+    @staticmethod
+    async def _started(cur: limits.Cursor) -> dict[str, tuple[int, float, HeldBy | None]]:
         return {row[0]: row[1:] for row in await cur.fetchall()}
 
     async def renew(self, leases: Sequence[Lease], ttl: float) -> list[Lease | None]:
@@ -540,3 +611,14 @@ class PostgresStore:
                 await pool.close()
         finally:
             await self._notifier.close()
+
+
+def _attempt(lease: Lease, number: int, started_at: float) -> Attempt:
+    """The attempt ``START_ATTEMPTS`` started under ``lease``."""
+    return Attempt(
+        intent_id=lease.intent_id,
+        attempt=number,
+        executor=lease.owner,
+        fencing_token=lease.token,
+        started_at=utc(started_at),
+    )

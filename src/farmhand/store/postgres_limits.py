@@ -1,11 +1,12 @@
 """Rate-limit buckets (GCRA) and circuit breakers on the PostgreSQL store.
 
 The bodies of :class:`farmhand.store.postgres.PostgresStore`'s ``take``, ``peek``, ``pause``
-and ``breaker_*`` methods; the decisions are :mod:`farmhand.store.limits_logic`, shared with
-the SQLite store. A writing function runs inside the caller's transaction (and pipeline): it
-locks the rows it decides on (``FOR UPDATE``, in name order so that two callers never wait on
-each other in a cycle), and only then reads ``now``, so that every connection, in every
-process, sees one sequence of decisions on one timeline. Each returns whether it wrote.
+and ``breaker_*`` methods, and the bucket reads and writes of a start that takes tokens; the
+decisions are :mod:`farmhand.store.limits_logic`, shared with the SQLite store. A writing
+function runs inside the caller's transaction (and pipeline): it locks the rows it decides
+on (``FOR UPDATE``, in name order so that two callers never wait on each other in a cycle),
+and only then reads ``now``, so that every connection, in every process, sees one sequence
+of decisions on one timeline. Each returns whether it wrote.
 """
 
 from __future__ import annotations
@@ -95,8 +96,26 @@ async def _bucket_rows(conn: Conn, names: Sequence[str], lock: bool) -> Cursor:
     return await conn.execute(sql, (sorted(set(names)),))
 
 
-def _buckets(rows: list[tuple[Any, ...]]) -> dict[str, logic.BucketRow]:
+def buckets(rows: list[tuple[Any, ...]]) -> dict[str, logic.BucketRow]:
+    """The bucket rows a :func:`lock_buckets` cursor returned, by name."""
     return {name: (tat, paused, reason) for name, tat, paused, reason in rows}
+
+
+async def lock_buckets(conn: Conn, requests: Sequence[Sequence[Bucket]]) -> Cursor:
+    """Send the read of the buckets ``requests`` name, locked when one of them has a limit
+    (its row then created first); the caller fetches it, having sent what reads ``now``."""
+    names = [b.name for request in requests for b in request]
+    limited = sorted({b.name for request in requests for b in request if b.limit is not None})
+    if limited:
+        # a row must exist to be locked: the first take of a bucket creates it
+        await conn.execute(_ENSURE_BUCKETS, (limited,))
+    return await _bucket_rows(conn, names, lock=bool(limited))
+
+
+async def save_tats(conn: Conn, changed: dict[str, float]) -> None:
+    """Write the new ``tat`` of each bucket in ``changed`` (sent, not waited for)."""
+    if changed:
+        await conn.execute(_SAVE_TATS, (list(changed), list(changed.values())))
 
 
 async def take(
@@ -104,16 +123,9 @@ async def take(
 ) -> tuple[list[Throttle], bool]:
     """Take a token from every bucket of each request, in order, or none. Requests that
     name no limited bucket only read (a pause is all that can hold them)."""
-    names = [b.name for request in requests for b in request]
-    limited = sorted({b.name for request in requests for b in request if b.limit is not None})
-    if limited:
-        # a row must exist to be locked: the first take of a bucket creates it
-        await conn.execute(_ENSURE_BUCKETS, (limited,))
-    cur = await _bucket_rows(conn, names, lock=bool(limited))
-    rows, now = await fetch_now(conn, clock, cur)
-    out, changed = logic.take(requests, _buckets(rows), now)
-    if changed:
-        await conn.execute(_SAVE_TATS, (list(changed), list(changed.values())))
+    rows, now = await fetch_now(conn, clock, await lock_buckets(conn, requests))
+    out, changed = logic.take(requests, buckets(rows), now)
+    await save_tats(conn, changed)
     return out, bool(changed)
 
 
@@ -121,7 +133,7 @@ async def peek(conn: Conn, clock: Clock | None, request: Sequence[Bucket]) -> Th
     """What :func:`take` would answer for ``request`` now; reads only."""
     cur = await _bucket_rows(conn, [b.name for b in request], lock=False)
     rows, now = await fetch_now(conn, clock, cur)
-    return logic.judge(request, _buckets(rows), now)
+    return logic.judge(request, buckets(rows), now)
 
 
 async def pause(
@@ -131,7 +143,7 @@ async def pause(
     long enough extension. The pause end afterwards."""
     await conn.execute(_ENSURE_BUCKETS, ([bucket],))
     rows, now = await fetch_now(conn, clock, await _bucket_rows(conn, [bucket], lock=True))
-    current = _buckets(rows).get(bucket, logic.NO_BUCKET)[1]
+    current = buckets(rows).get(bucket, logic.NO_BUCKET)[1]
     end, note = logic.pause(current, bucket, until, reason, now)
     if end == current:
         return current, False

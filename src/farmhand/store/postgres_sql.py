@@ -129,19 +129,17 @@ WHERE (SELECT count(*) FROM claimed) < %(limit)s
     _READINESS.replace("{fresh}", "seq NOT IN (SELECT seq FROM picked)").strip(),
 )
 
-# A guarded row (kind not NULL) starts only if, judged in this statement, no closed gate
-# covers its kind and account, none of its buckets is paused and its breaker (if named) is
-# closed (limits_logic.held_by says the same in Python); else it reports what held it.
-START_ATTEMPTS = f"""
-WITH {_STAMP},
-input AS (
+#: the starts of a batch, one row each (conv.start_record)
+_START_INPUT = """input AS (
     SELECT * FROM json_to_recordset(%s::json)
         AS u(id text, token bigint, owner text, kind text, account text, buckets json,
              breaker text)
-),
-judged AS (
-    SELECT u.id, u.token, u.owner,
-           CASE WHEN u.kind IS NULL THEN NULL
+)"""
+
+# What holds back a guarded row (kind not NULL) at t.now: a closed gate covering its kind
+# and account, a paused bucket of its own, its breaker (if named) not closed
+# (limits_logic.held_by says the same in Python); NULL when nothing does, or unguarded.
+_HELD = """CASE WHEN u.kind IS NULL THEN NULL
                 WHEN EXISTS (SELECT 1 FROM gates g
                              WHERE g.kind IN ('', u.kind) AND g.account IN ('', u.account)
                                AND NOT (g.body::json->>'open')::boolean) THEN 'gate'
@@ -150,7 +148,15 @@ judged AS (
                                AND b.paused_until > t.now) THEN 'paused'
                 WHEN EXISTS (SELECT 1 FROM breakers k
                              WHERE k.key = u.breaker AND k.state <> 'closed') THEN 'breaker'
-           END AS held
+           END"""
+
+# A row starts if its lease is current and nothing holds it back, judged in this statement;
+# else it reports what held it (a lease that is not current returns no row).
+START_ATTEMPTS = f"""
+WITH {_STAMP},
+{_START_INPUT},
+judged AS (
+    SELECT u.id, u.token, u.owner, {_HELD} AS held
     FROM input u CROSS JOIN t
 ),
 current AS (
@@ -172,6 +178,30 @@ recorded AS (
 SELECT id, attempts, now, NULL FROM started
 UNION ALL
 SELECT id, NULL, NULL, held FROM current WHERE held IS NOT NULL
+"""
+
+# The first half of a start that takes tokens, run once the transaction holds the locks of
+# the buckets it takes from: per row, ``now`` (the test clock's time, else the server's
+# clock read now, after those locks: statement_timestamp() would be when the pipeline sent
+# the statement), whether the lease is current then, and what holds it back. The intents
+# are locked, in id order, so that the answer still holds when START_ATTEMPTS starts them,
+# at that same now, in the same transaction.
+JUDGE_STARTS = f"""
+WITH t AS (
+    SELECT coalesce(%s::float8, extract(epoch FROM clock_timestamp())::float8) AS now
+),
+{_START_INPUT},
+locked AS (
+    SELECT id, state, lease_token, lease_expires FROM intents
+    WHERE id = ANY(ARRAY(SELECT id FROM input))
+    ORDER BY id
+    FOR UPDATE
+)
+SELECT u.id, u.token, t.now,
+       coalesce(l.state = 'running' AND l.lease_token = u.token AND l.lease_expires > t.now,
+                false),
+       {_HELD}
+FROM input u CROSS JOIN t LEFT JOIN locked l ON l.id = u.id
 """
 
 RENEW = f"""

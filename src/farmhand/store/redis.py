@@ -37,6 +37,7 @@ from farmhand.contracts import (
 from farmhand.contracts.base import utc
 from farmhand.errors import StoreError
 from farmhand.store.base import (
+    Admitted,
     BreakerResult,
     BreakerStatus,
     Bucket,
@@ -50,12 +51,10 @@ from farmhand.store.base import (
     Throttle,
     intent_status,
 )
-from farmhand.store.redis_limits import RedisLimits
+from farmhand.store.redis_limits import RedisLimits, Start, started
 from farmhand.store.redis_setup import Link, parse
 
 _WAITING = (IntentState.PENDING.value, IntentState.RETRY_WAIT.value)
-#: start.lua's answers for a guarded start that something held back
-_HELD = {"g": Held("gate"), "p": Held("paused"), "b": Held("breaker")}
 #: intents per list script call: a long listing is paged so it never blocks the server
 _LIST_PAGE = 1000
 #: oldest Redis with everything the scripts use (XAUTOCLAIM, XADD <ms>-*, script flags)
@@ -281,7 +280,7 @@ class RedisStore:
 
     async def start_attempts(
         self, leases: Sequence[Lease], guards: Sequence[Guard] | None = None
-    ) -> list[Attempt | Held | None]:
+    ) -> list[Attempt | Admitted | Held | None]:
         if not leases:
             return []
         rows: list[list[Any]] = [
@@ -289,22 +288,14 @@ class RedisStore:
         ]
         for row, guard in zip(rows, guards or (), strict=False):
             row += [guard.kind, guard.account, list(guard.buckets), guard.breaker or False]
-        now, *numbers = (await self._link.run("start", [json.dumps(rows)])).split(" ")
-        started = utc(float(now))
-        return [
-            _HELD[n]
-            if n in _HELD
-            else Attempt(
-                intent_id=lease.intent_id,
-                attempt=int(n),
-                executor=lease.owner,
-                fencing_token=lease.token,
-                started_at=started,
-            )
-            if int(n)
-            else None
-            for lease, n in zip(leases, numbers, strict=True)
-        ]
+        if guards and any(guard.take for guard in guards):
+            # the tokens are decided on in Python: one read, then start.lua (redis_limits)
+            starts = await self._limits.start(rows, guards)
+        else:
+            now, *answers = (await self._link.run("start", [json.dumps(rows)])).split(" ")
+            at = float(now)
+            starts = [started(answer, at) for answer in answers]
+        return [_attempt_started(lease, start) for lease, start in zip(leases, starts, strict=True)]
 
     async def renew(self, leases: Sequence[Lease], ttl: float) -> list[Lease | None]:
         if not leases:
@@ -537,6 +528,20 @@ class RedisStore:
             read.cancel()
         await asyncio.gather(*reads, return_exceptions=True)
         await self._link.close()
+
+
+def _attempt_started(lease: Lease, start: Start) -> Attempt | Admitted | Held | None:
+    if start is None or isinstance(start, Held):
+        return start
+    number, at, throttle = start
+    attempt = Attempt(
+        intent_id=lease.intent_id,
+        attempt=number,
+        executor=lease.owner,
+        fencing_token=lease.token,
+        started_at=utc(at),
+    )
+    return attempt if throttle is None else Admitted(attempt, throttle)
 
 
 def _attempt(intent_id: str, number: int, raw: str) -> Attempt:

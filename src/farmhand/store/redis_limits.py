@@ -7,7 +7,9 @@ audit events only if none of the rows read has changed meanwhile -- all buckets 
 or every breaker of a batch, at once or not at all. A lost race re-reads and decides again,
 as does a decision that waited too long (see ``_FRESH``).
 Calls that change nothing (tokens of unlimited buckets, closed breakers with healthy
-results, peeks) are one read and write nothing.
+results, peeks) are one read and write nothing. An attempt start that takes tokens
+(``Guard.take``) is decided the same way and written by ``start.lua`` with its attempts; a
+race it loses answers the rows as they are then, so deciding again costs no read.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from typing import Any, TypeVar
 from farmhand.config import BreakerConfig
 from farmhand.errors import StoreError
 from farmhand.store import limits_logic as logic
-from farmhand.store.base import BreakerResult, BreakerStatus, Bucket, Throttle
+from farmhand.store.base import BreakerResult, BreakerStatus, Bucket, Guard, Held, Throttle
 from farmhand.store.redis_setup import Link
 
-#: lost races before giving up; each costs one read and one script call
+#: lost races before giving up; each costs one read and one script call (a start: the call)
 _MAX_TRIES = 64
 #: on the server's clock, a decision older than this (seconds) is made again, for the first
 #: few tries; then it is taken as it is, so that a starved process still makes progress
@@ -36,6 +38,26 @@ T = TypeVar("T")
 Decision = tuple[T, dict[str, str], Sequence[logic.AuditNote]]
 #: decides on the rows read (name -> encoded row) at the store clock's ``now``
 Decide = Callable[[float, dict[str, str]], Decision[T]]
+#: start.lua's answers for a lease that was lost (None) or a start that something held back
+HELD: dict[str, Held | None] = {
+    "0": None,
+    "g": Held("gate"),
+    "p": Held("paused"),
+    "b": Held("breaker"),
+}
+#: one lease's start: lost (None), held back, or (attempt number, when it started, the rate
+#: limiter's answer if it took tokens)
+Start = Held | tuple[int, float, Throttle | None] | None
+
+
+def started(answer: str, at: float, took: Held | Throttle | None = None) -> Start:
+    """One lease's start as start.lua answered it, its attempt stamped with ``at``; ``took``:
+    the rate limiter's answer for the tokens of its guard (``at``: when they were taken)."""
+    if answer in HELD:
+        return HELD[answer]
+    if isinstance(took, Held):  # "l": the limiter refused the tokens
+        return took
+    return int(answer), at, took
 
 
 def _bucket(raw: str) -> logic.BucketRow:
@@ -50,6 +72,15 @@ def _breaker(raw: str) -> logic.BreakerRow:
 
 def _encode(row: tuple[Any, ...]) -> str:
     return json.dumps(row, separators=(",", ":"))
+
+
+def _rows(names: Sequence[str], seen: dict[str, str], writes: dict[str, str]) -> list[str | int]:
+    """The rows a decision was made on, as the scripts take them (see "optimistic writes"
+    in lua/prelude.lua): their number, then name, value read and value to write of each."""
+    args: list[str | int] = [len(names)]
+    for name in names:
+        args += [name, seen.get(name, ""), writes.get(name, "")]
+    return args
 
 
 class RedisLimits:
@@ -75,15 +106,16 @@ class RedisLimits:
         notes: Sequence[logic.AuditNote],
         tries: int,
     ) -> bool:
-        fresh = "" if self._link.clock is not None or tries >= _FRESH_TRIES else repr(_FRESH)
-        args: list[str | int] = [fresh, table, len(names)]
-        for name in names:
-            args += [name, seen.get(name, ""), writes.get(name, "")]
-        args += [actor, len(notes)]
+        args = [self._fresh(tries), table, *_rows(names, seen, writes), actor, len(notes)]
         for note in notes:
             has_reason = 0 if note.reason is None else 1
             args += [note.action, has_reason, note.reason or "", json.dumps(note.detail)]
         return bool(await self._link.run("swap", args, now=repr(now)))
+
+    def _fresh(self, tries: int) -> str:
+        """How old (seconds, on the server's clock) a decision after ``tries`` lost races
+        may be when it is written; '' for any age."""
+        return "" if self._link.clock is not None or tries >= _FRESH_TRIES else repr(_FRESH)
 
     async def _backoff(self, tries: int) -> None:
         if tries >= _MAX_TRIES:
@@ -144,6 +176,56 @@ class RedisLimits:
             return end, {bucket: _encode((tat, end, reason))}, [note] if note is not None else []
 
         return await self._update("buckets", [bucket], actor, decide)
+
+    # -- attempt starts that take tokens -----------------------------------------------
+
+    async def start(self, rows: Sequence[list[Any]], guards: Sequence[Guard]) -> list[Start]:
+        """Start the attempts of start.lua's lease ``rows``, one per guard, where some guard
+        takes tokens: see :meth:`farmhand.store.base.Store.start_attempts`. The tokens are
+        taken in lease order on the buckets as read; start.lua writes them with the starts
+        only if no bucket has changed and every lease that took tokens starts. A lease it
+        finds lost or held keeps that answer, and the tokens are taken again without it."""
+        names = list(dict.fromkeys(b.name for guard in guards for b in guard.take))
+        #: leases start.lua found lost or held, by index: not sent again
+        settled: dict[int, Held | None] = {}
+        tries = 0
+        now, seen = await self._read("buckets", names)
+        while True:
+            buckets = {name: _bucket(raw) for name, raw in seen.items()}
+            tats: dict[str, float] = {}
+            took: dict[int, Held | Throttle] = {}
+            live: list[int] = []
+            batch: list[list[Any]] = []
+            for i, (row, guard) in enumerate(zip(rows, guards, strict=True)):
+                if i in settled:
+                    continue
+                live.append(i)
+                if not guard.take:
+                    batch.append(row)
+                    continue
+                took[i] = logic.take_for(guard, buckets, now, tats)
+                batch.append([*row, "l" if isinstance(took[i], Held) else "t"])
+            args: list[str | int] = [json.dumps(batch)]
+            if not all(isinstance(answer, Held) for answer in took.values()):
+                # even with no token to write (buckets without a rate): no pause came since
+                writes = {name: _encode(buckets[name]) for name in tats}
+                args += [repr(now), self._fresh(tries), *_rows(names, seen, writes)]
+            reply = await self._link.run("start", args)
+            if isinstance(reply, list):  # stale: decide again on the rows it read
+                tries += 1
+                await self._backoff(tries)
+                now = float(reply[1])
+                seen = {name: raw for name, raw in zip(names, reply[2:], strict=True) if raw}
+                continue
+            head, *answers = reply.split(" ")
+            if head == "again":
+                settled |= {i: HELD[a] for i, a in zip(live, answers, strict=True) if a in HELD}
+                continue
+            at = float(head)
+            out: list[Start] = [settled.get(i) for i in range(len(rows))]
+            for i, answer in zip(live, answers, strict=True):
+                out[i] = started(answer, now if i in took else at, took.get(i))
+            return out
 
     # -- breakers ---------------------------------------------------------------------
 

@@ -35,9 +35,11 @@ from farmhand.contracts import (
 from farmhand.contracts.base import utc
 from farmhand.contracts.state import allowed
 from farmhand.errors import InvalidTransition, StoreError
+from farmhand.store import limits_logic as logic
 from farmhand.store import sql
 from farmhand.store import sqlite_limits as limits
 from farmhand.store.base import (
+    Admitted,
     BreakerResult,
     BreakerStatus,
     Bucket,
@@ -457,22 +459,28 @@ class SQLiteStore:
 
     async def start_attempts(
         self, leases: Sequence[Lease], guards: Sequence[Guard] | None = None
-    ) -> list[Attempt | Held | None]:
+    ) -> list[Attempt | Admitted | Held | None]:
         return await self._run(self._start_attempts, list(leases), guards)
 
     def _start_attempts(
         self, leases: list[Lease], guards: Sequence[Guard] | None
-    ) -> list[Attempt | Held | None]:
+    ) -> list[Attempt | Admitted | Held | None]:
         now = self._clock.now()
-        numbers: list[int | Held | None] = []
+        numbers: list[tuple[int, Throttle | None] | Held | None] = []
+        checks: Sequence[Guard | None] = guards or [None] * len(leases)
         with self._tx() as db:
-            held = limits.held(db, guards, now) if guards else [None] * len(leases)
-            for lease, holder in zip(leases, held, strict=True):
+            held, rows = limits.held(db, guards, now) if guards else ([None] * len(leases), {})
+            taken: dict[str, float] = {}
+            for lease, guard, holder in zip(leases, checks, held, strict=True):
                 current = (lease.intent_id, lease.token, now)
-                if holder is not None:
-                    # a lost lease answers None, whatever would also hold it back
-                    lost = db.execute(_LEASE_CURRENT, current).fetchone() is None
-                    numbers.append(None if lost else holder)
+                # a lost lease answers None (and takes no token), whatever else holds it
+                checked = holder is not None or (guard is not None and bool(guard.take))
+                if checked and db.execute(_LEASE_CURRENT, current).fetchone() is None:
+                    numbers.append(None)
+                    continue
+                verdict = logic.admit(guard, holder, rows, now, taken)
+                if isinstance(verdict, Held):
+                    numbers.append(verdict)
                     continue
                 row = db.execute(
                     f"UPDATE intents SET attempts = attempts + 1, updated_at = ? {_WHERE_LEASE}"
@@ -487,21 +495,24 @@ class SQLiteStore:
                     " VALUES (?, ?, ?, ?, ?)",
                     (lease.intent_id, row[0], lease.owner, lease.token, now),
                 )
-                numbers.append(row[0])
+                numbers.append((row[0], verdict))
+            limits.save_tats(db, taken)
         # the records are built after the commit: the write lock is held for SQL only
         started_at = utc(now)
-        return [
-            number
-            if number is None or isinstance(number, Held)
-            else Attempt(
+        out: list[Attempt | Admitted | Held | None] = []
+        for lease, number in zip(leases, numbers, strict=True):
+            if number is None or isinstance(number, Held):
+                out.append(number)
+                continue
+            attempt = Attempt(
                 intent_id=lease.intent_id,
-                attempt=number,
+                attempt=number[0],
                 executor=lease.owner,
                 fencing_token=lease.token,
                 started_at=started_at,
             )
-            for lease, number in zip(leases, numbers, strict=True)
-        ]
+            out.append(attempt if number[1] is None else Admitted(attempt, number[1]))
+        return out
 
     async def renew(self, leases: Sequence[Lease], ttl: float) -> list[Lease | None]:
         def run() -> list[Lease | None]:

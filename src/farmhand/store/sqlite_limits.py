@@ -74,13 +74,18 @@ def take(
     """
     rows = _bucket_rows(db, [b.name for request in requests for b in request])
     out, changed = logic.take(requests, rows, now)
+    save_tats(db, changed)
+    return out
+
+
+def save_tats(db: sqlite3.Connection, changed: dict[str, float]) -> None:
+    """Write the new ``tat`` of each bucket in ``changed`` (tokens taken)."""
     if changed:
         db.executemany(
             "INSERT INTO buckets (name, tat) VALUES (?, ?)"
             " ON CONFLICT (name) DO UPDATE SET tat = excluded.tat",
             list(changed.items()),
         )
-    return out
 
 
 def peek(db: sqlite3.Connection, now: float, request: Sequence[Bucket]) -> Throttle:
@@ -176,8 +181,11 @@ def breaker_peek(db: sqlite3.Connection, now: float, key: str) -> BreakerStatus:
     return logic.breaker_status(_breaker_rows(db, [key]).get(key, logic.CLOSED), now)
 
 
-def held(db: sqlite3.Connection, guards: Sequence[Guard], now: float) -> list[Held | None]:
-    """What holds back each guarded start at ``now`` (read in the caller's transaction)."""
+def held(
+    db: sqlite3.Connection, guards: Sequence[Guard], now: float
+) -> tuple[list[Held | None], dict[str, logic.BucketRow]]:
+    """What holds back each guarded start at ``now`` (read in the caller's transaction), and
+    the rows of the buckets the guards name, to take tokens from."""
     closed = [
         rule
         for (body,) in db.execute("SELECT body FROM gates")
@@ -185,4 +193,4 @@ def held(db: sqlite3.Connection, guards: Sequence[Guard], now: float) -> list[He
     ]
     names, keys = logic.guarded_rows(guards)
     buckets, breakers = _bucket_rows(db, names), _breaker_rows(db, keys)
-    return [logic.held_by(guard, closed, buckets, breakers, now) for guard in guards]
+    return [logic.held_by(guard, closed, buckets, breakers, now) for guard in guards], buckets

@@ -21,12 +21,16 @@ local function fmt(x)
   return fmt_text
 end
 
+local function server_time()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+
 local function clock()
   if ARGV[2] ~= '' then
     return tonumber(ARGV[2])
   end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+  return server_time()
 end
 
 local function record(id)
@@ -51,6 +55,44 @@ local function done()
     local g = redis.call('GET', P .. 'gatesv') or '0'
     redis.call('XADD', P .. 'wake', 'MAXLEN', '1', '0-' .. n, 'n', n, 'g', g)
   end
+end
+
+-- -- optimistic writes -------------------------------------------------------------------
+
+-- Rate-limit and breaker rows are decided on in Python (farmhand.store.limits_logic, shared
+-- with the SQL stores) from rows read a moment earlier (redis_limits.py): a decision is
+-- written only if none of the rows it read has changed since, all or nothing (swap.lua,
+-- start.lua). The rows are `n` triples of ARGV from `i` on: field of `hash`, value read
+-- ('' = none), value to write ('' = unchanged).
+
+-- Whether the rows are as read and the decision, made at `decided`, lags this server's TIME
+-- by at most `fresh` seconds ('' = no limit): the SQL stores decide on the time read under
+-- their lock, and a decision that waited long would take tokens as of the past.
+local function unchanged(hash, i, n, decided, fresh)
+  if fresh ~= '' and server_time() - decided > tonumber(fresh) then
+    return false
+  end
+  for _ = 1, n do
+    if (redis.call('HGET', hash, ARGV[i]) or '') ~= ARGV[i + 1] then
+      return false
+    end
+    i = i + 3
+  end
+  return true
+end
+
+-- Write the rows that `unchanged` found as read. Returns whether any was written, and the
+-- index of the ARGV after the rows.
+local function write_rows(hash, i, n)
+  local wrote = false
+  for _ = 1, n do
+    if ARGV[i + 2] ~= '' then
+      redis.call('HSET', hash, ARGV[i], ARGV[i + 2])
+      wrote = true
+    end
+    i = i + 3
+  end
+  return wrote, i
 end
 
 -- -- batched commands --------------------------------------------------------------------
