@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager, nullcontext, suppress
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import psycopg
@@ -176,7 +176,8 @@ class PostgresStore:
     async def _pipelined(conn: Conn) -> AsyncIterator[None]:
         """A transaction in pipeline mode that BEGIN and COMMIT, sent as statements, delimit:
         a read, a decision and a write cost two round trips. (psycopg's transaction() in a
-        pipeline waits for a sync as it begins and as each pipeline it nests ends: five.)"""
+        pipeline waits for a sync as it begins and as each pipeline it nests ends: about
+        five.) Every write of rate limits and breakers uses it."""
         try:
             async with conn.pipeline():
                 await conn.execute("BEGIN")
@@ -468,11 +469,7 @@ class PostgresStore:
             return []
         # requests naming only unlimited buckets just look for pauses: no transaction
         writes = any(b.limit is not None for request in items for b in request)
-        async with (
-            self._conn() as conn,
-            conn.pipeline(),
-            conn.transaction() if writes else nullcontext(),
-        ):
+        async with self._conn() as conn, self._pipelined(conn) if writes else conn.pipeline():
             out, wrote = await limits.take(conn, self._clock, items)
         self._changed(wrote)
         return out
@@ -482,7 +479,7 @@ class PostgresStore:
             return await limits.peek(conn, self._clock, tuple(buckets))
 
     async def pause(self, bucket: str, until: float, reason: str, actor: str) -> float:
-        async with self._conn() as conn, conn.pipeline(), conn.transaction():
+        async with self._conn() as conn, self._pipelined(conn):
             end, wrote = await limits.pause(conn, self._clock, bucket, until, reason, actor)
         self._changed(wrote)
         return end
@@ -498,7 +495,7 @@ class PostgresStore:
             # the common case, every breaker closed, needs no transaction and no lock
             if quiet(await limits.breaker_rows(conn, [key for key, _ in items])):
                 return [BreakerStatus() for _ in items]
-            async with conn.pipeline(), conn.transaction():
+            async with self._pipelined(conn):
                 out, wrote = await limits.breaker_enter(conn, self._clock, items, actor, probe_ttl)
         self._changed(wrote)
         return out
@@ -512,7 +509,7 @@ class PostgresStore:
             healthy = all(r.ok for r in items)
             if healthy and quiet(await limits.breaker_rows(conn, keys), failures=True):
                 return {key: BreakerStatus() for key in keys}
-            async with conn.pipeline(), conn.transaction():
+            async with self._pipelined(conn):
                 out, wrote = await limits.breaker_record(conn, self._clock, items, config, actor)
         self._changed(wrote)
         return out
