@@ -190,6 +190,33 @@ async def test_leases_taken_started_renewed_or_ended_elsewhere_wake_no_one(
         await other.close()
 
 
+async def test_tokens_taken_wake_no_one_and_a_pause_does(pg: PostgresStore, db_url: str) -> None:
+    clock = FakeClock()
+    other = await open_store(db_url)  # on the server's clock, as ``pg`` is: one timeline
+    bucket = Bucket("account:default", Limit(rate=1.0, burst=10))
+    taking = Guard("noop", "default", take=(bucket,))
+    try:
+        await put(other, make_intent(clock, "a"))
+        (claim,) = await other.claim("ex_b", 10, 30.0, [])
+        await other.take([(bucket,)])  # the bucket's first take creates its row
+        await asyncio.sleep(0.2)  # every NOTIFY so far has come back by now
+        since = await pg.change_counter()
+        # tokens taken elsewhere, alone or with a start, and here
+        assert (await other.take([(bucket,)]))[0].wait == 0.0
+        (started,) = await other.start_attempts([claim.lease], [taking])
+        assert isinstance(started, Admitted)
+        assert (await pg.take([(bucket,)]))[0].wait == 0.0
+        await pg.wait_for_change(since, 0.3)
+        assert await pg.change_counter() == since
+        # a pause is news for every executor
+        waiter = asyncio.create_task(pg.wait_for_change(since, 10.0))
+        await other.pause(bucket.name, time.time() + 30, "HTTP 429", "ex_b")
+        await asyncio.wait_for(waiter, 5.0)
+        assert await pg.change_counter() != since
+    finally:
+        await other.close()
+
+
 async def test_its_own_leases_and_outcomes_do_not_wake_this_store(pg: PostgresStore) -> None:
     # an executor that claims, starts and finishes must not wake itself for a claim that
     # finds nothing; its own release must (it gave work back)

@@ -200,8 +200,8 @@ class PostgresStore:
 
     def _changed(self, wrote: bool) -> None:
         # only for writes that may give an executor work, as the NOTIFY triggers decide
-        # (migration 0004): taking, starting, renewing or ending a lease wakes no one, not
-        # even the executor in this process that made it
+        # (migrations 0004, 0005): taking, starting, renewing or ending a lease, or taking a
+        # rate-limit token, wakes no one, not even the executor in this process that made it
         if wrote:
             self._ready.drop()
             self._notifier.bump()
@@ -351,9 +351,7 @@ class PostgresStore:
                     if row is not None:
                         attempt = _attempt(lease, row[0], row[1])
                         out[index] = attempt if throttle is None else Admitted(attempt, throttle)
-        # a tat written wakes the other stores (the buckets' trigger), as take's does: it
-        # counts here too, for the other executors of this store; the start wakes no one
-        self._changed(bool(taken))
+        # neither the starts nor the tokens taken wake anyone (migrations 0002 and 0005)
         return out
 
     @classmethod
@@ -470,8 +468,8 @@ class PostgresStore:
         # requests naming only unlimited buckets just look for pauses: no transaction
         writes = any(b.limit is not None for request in items for b in request)
         async with self._conn() as conn, self._pipelined(conn) if writes else conn.pipeline():
-            out, wrote = await limits.take(conn, self._clock, items)
-        self._changed(wrote)
+            out, _ = await limits.take(conn, self._clock, items)
+        # a token taken gives no one work: it wakes no one (migration 0005)
         return out
 
     async def peek(self, buckets: Sequence[Bucket]) -> Throttle:
