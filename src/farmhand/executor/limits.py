@@ -31,6 +31,7 @@ import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from farmhand.clock import Clock
 from farmhand.config import Settings
@@ -76,6 +77,17 @@ class _Block:
     breaker: str | None = None
 
 
+class _Guards(NamedTuple):
+    """One kind and account's guards for :meth:`Store.start_attempts`, and its buckets."""
+
+    #: the first start: kill switch and breaker checked, tokens taken (or pauses checked)
+    first: Guard
+    #: a start after the breaker was entered: kill switch checked, every bucket taken from
+    entered: Guard
+    #: the buckets of its rate-limit request, by name
+    buckets: dict[str, Bucket]
+
+
 def _covers(scope: Scope, intent: Intent) -> bool:
     return scope[1] == intent.account and scope[0] in (None, intent.kind)
 
@@ -107,8 +119,8 @@ class Limits:
         #: a result waiting in _results must be recorded now (see SUCCESS_FLUSH)
         self._urgent = asyncio.Event()
         self._last_record = -SUCCESS_FLUSH
-        #: per kind and account: its guard, and its guard once the breaker was entered
-        self._guards: dict[tuple[str, str], tuple[Guard, Guard]] = {}
+        #: per kind and account: its guards and buckets
+        self._guards: dict[tuple[str, str], _Guards] = {}
         #: intents that entered a half-open breaker as its probe
         self._probes: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -183,23 +195,24 @@ class Limits:
         tokens of rate-limited ones (taken with the start, so the attempt starts when its
         tokens were taken). ``entered``: the breakers were entered (:meth:`enter`), and
         every bucket is judged as a take, which explains a pause by how long it lasts."""
-        return [self._scope(claim.intent)[1 if entered else 0] for claim in claims]
+        scopes = [self._scope(claim.intent) for claim in claims]
+        return [scope.entered if entered else scope.first for scope in scopes]
 
-    def _scope(self, intent: Intent) -> tuple[Guard, Guard]:
-        """The guard of ``intent``'s kind and account, and the same after its breaker was
-        entered (the settings do not change while the executor runs: one answer each)."""
+    def _scope(self, intent: Intent) -> _Guards:
+        """The guards of ``intent``'s kind and account (the settings do not change while the
+        executor runs: one answer each)."""
         found = self._guards.get((intent.kind, intent.account))
         if found is None:
             request = tuple(ratelimit.buckets(intent, self._settings.account(intent.account)))
             key = breaker.key(intent.kind, intent.account)
-            entered = Guard(intent.kind, intent.account, take=request)
             if any(b.limit is not None for b in request):
-                found = (Guard(intent.kind, intent.account, breaker=key, take=request), entered)
+                first = Guard(intent.kind, intent.account, breaker=key, take=request)
             else:
                 # nothing to take: a pause is all the buckets can hold it by, and checking
                 # one writes nothing
-                names = tuple(b.name for b in request)
-                found = (Guard(intent.kind, intent.account, names, key), entered)
+                first = Guard(intent.kind, intent.account, tuple(b.name for b in request), key)
+            entered = Guard(intent.kind, intent.account, take=request)
+            found = _Guards(first, entered, {b.name: b for b in request})
             self._guards[(intent.kind, intent.account)] = found
         return found
 
@@ -207,9 +220,8 @@ class Limits:
         """A start took its tokens: when that was a bucket's last, stay away until the next
         one (nothing refused)."""
         if throttle.bucket is not None and throttle.next_in > 0:
-            bucket = self._bucket(claim.intent, throttle.bucket)
-            if bucket is not None:
-                self._block_bucket(claim.intent, bucket, self._clock.now() + throttle.next_in)
+            bucket = self._scope(claim.intent).buckets[throttle.bucket]
+            self._block_bucket(claim.intent, bucket, self._clock.now() + throttle.next_in)
 
     def refused(self, refusals: Sequence[tuple[Claim, Throttle]]) -> list[Change]:
         """The changes that send claims the rate limiter refused back to wait (no attempt
@@ -218,9 +230,8 @@ class Limits:
         held: list[Change] = []
         behind: dict[str, int] = {}
         for claim, throttle in refusals:
-            bucket = self._bucket(claim.intent, throttle.bucket or "")
-            if bucket is None:
-                continue
+            # a refusal always names the bucket that refused, one of the guard's
+            bucket = self._scope(claim.intent).buckets[throttle.bucket or ""]
             # intents sent to wait behind one bucket come back one token apart
             n = behind[bucket.name] = behind.get(bucket.name, 0) + 1
             spread = (n - 1) / bucket.limit.rate if bucket.limit is not None else 0.0
@@ -229,9 +240,6 @@ class Limits:
             held.append(self._hold(claim, "rate_limited", reason, until))
             self._block_bucket(claim.intent, bucket, now + throttle.wait)
         return held
-
-    def _bucket(self, intent: Intent, name: str) -> Bucket | None:
-        return next((b for b in self._scope(intent)[1].take if b.name == name), None)
 
     async def enter(self, claims: Sequence[Claim]) -> tuple[list[Claim], list[Change]]:
         """Enter the breakers of claims a guarded start held back: those that may start now
