@@ -9,7 +9,7 @@ from farmhand.config import BreakerConfig, Limit
 from farmhand.contracts import Attempt
 from farmhand.store import Store
 from farmhand.store.base import Admitted, BreakerResult, Bucket, Guard, Held
-from store_support import S, claim_one, gate, make_intent, put, state_of
+from store_support import S, claim_one, gate, make_intent, put, state_of, status
 
 KEY = "noop:default"
 BUCKET = "account:default"
@@ -160,7 +160,7 @@ async def test_a_taking_guard_takes_its_tokens_with_the_start_in_lease_order(
     assert third.by == "limited"
     assert third.throttle is not None
     assert (third.throttle.bucket, third.throttle.wait) == (BUCKET, 1.0)
-    assert [(await store.get_intent(k)).attempts for k in "abc"] == [1, 1, 0]  # type: ignore[union-attr]
+    assert [(await status(store, k)).attempts for k in "abc"] == [1, 1, 0]
     assert (await store.peek([TWO])).wait == 1.0
     # a token later, the held one starts
     clock.advance(1.0)
@@ -217,9 +217,10 @@ async def test_a_taking_guard_takes_from_every_bucket_or_from_none(
     assert isinstance(first, Admitted)
     assert (first.throttle.bucket, first.throttle.next_in) == (kind.name, 1.0)
     # the kind's bucket is empty: the account's keeps the token the second did not take
-    assert second == Held("limited", second.throttle)  # type: ignore[union-attr]
-    assert second.throttle is not None  # type: ignore[union-attr]
-    assert second.throttle.bucket == kind.name  # type: ignore[union-attr]
+    assert isinstance(second, Held)
+    assert second.by == "limited"
+    assert second.throttle is not None
+    assert second.throttle.bucket == kind.name
     assert (await store.peek([TWO])).tokens == 1
 
 

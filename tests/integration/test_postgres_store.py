@@ -43,6 +43,16 @@ async def pg(db_url: str) -> AsyncIterator[PostgresStore]:
         await store.close()
 
 
+@pytest.fixture
+async def other(db_url: str) -> AsyncIterator[Store]:
+    """A second store on the same database (another executor), on the server's clock too."""
+    store = await open_store(db_url)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
 async def server_now(url: str) -> float:
     async with await psycopg.AsyncConnection.connect(url) as conn:
         cur = await conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8")
@@ -160,61 +170,53 @@ async def test_own_commits_count_once_and_idle_claims_not_at_all(pg: PostgresSto
 
 
 async def test_leases_taken_started_renewed_or_ended_elsewhere_wake_no_one(
-    pg: PostgresStore, db_url: str
+    pg: PostgresStore, other: Store
 ) -> None:
     clock = FakeClock()
-    other = await open_store(db_url, clock)
-    try:
-        before = await pg.change_counter()
-        await put(other, make_intent(clock, "a"), make_intent(clock, "b"))
-        await pg.wait_for_change(before, 5.0)  # that submit's NOTIFY has arrived
-        since = await pg.change_counter()
-        assert since != before
-        a, b = await other.claim("ex_b", 10, 30.0, [])
-        (attempt,) = await other.start_attempts([a.lease])
-        assert attempt is not None
-        (lease,) = await other.renew([a.lease], 30.0)
-        assert lease is not None
-        # an outcome, even the one that ends the last lease, makes nothing claimable
-        done = Change(a.intent.id, IntentState.SUCCEEDED, "ex_b", "succeed", token=lease.token)
-        assert await other.apply([done]) == [True]
-        await pg.wait_for_change(since, 0.3)
-        assert await pg.change_counter() == since
-        # a release does: that wakes waiters
-        waiter = asyncio.create_task(pg.wait_for_change(since, 10.0))
-        back = Change(b.intent.id, IntentState.PENDING, "ex_b", "release", token=b.lease.token)
-        assert await other.apply([back]) == [True]
-        await asyncio.wait_for(waiter, 5.0)
-        assert await pg.change_counter() != since
-    finally:
-        await other.close()
+    before = await pg.change_counter()
+    await put(other, make_intent(clock, "a"), make_intent(clock, "b"))
+    await pg.wait_for_change(before, 5.0)  # that submit's NOTIFY has arrived
+    since = await pg.change_counter()
+    assert since != before
+    a, b = await other.claim("ex_b", 10, 30.0, [])
+    (attempt,) = await other.start_attempts([a.lease])
+    assert attempt is not None
+    (lease,) = await other.renew([a.lease], 30.0)
+    assert lease is not None
+    # an outcome, even the one that ends the last lease, makes nothing claimable
+    done = Change(a.intent.id, IntentState.SUCCEEDED, "ex_b", "succeed", token=lease.token)
+    assert await other.apply([done]) == [True]
+    await pg.wait_for_change(since, 0.3)
+    assert await pg.change_counter() == since
+    # a release does: that wakes waiters
+    waiter = asyncio.create_task(pg.wait_for_change(since, 10.0))
+    back = Change(b.intent.id, IntentState.PENDING, "ex_b", "release", token=b.lease.token)
+    assert await other.apply([back]) == [True]
+    await asyncio.wait_for(waiter, 5.0)
+    assert await pg.change_counter() != since
 
 
-async def test_tokens_taken_wake_no_one_and_a_pause_does(pg: PostgresStore, db_url: str) -> None:
+async def test_tokens_taken_wake_no_one_and_a_pause_does(pg: PostgresStore, other: Store) -> None:
     clock = FakeClock()
-    other = await open_store(db_url)  # on the server's clock, as ``pg`` is: one timeline
     bucket = Bucket("account:default", Limit(rate=1.0, burst=10))
     taking = Guard("noop", "default", take=(bucket,))
-    try:
-        await put(other, make_intent(clock, "a"))
-        (claim,) = await other.claim("ex_b", 10, 30.0, [])
-        await other.take([(bucket,)])  # the bucket's first take creates its row
-        await asyncio.sleep(0.2)  # every NOTIFY so far has come back by now
-        since = await pg.change_counter()
-        # tokens taken elsewhere, alone or with a start, and here
-        assert (await other.take([(bucket,)]))[0].wait == 0.0
-        (started,) = await other.start_attempts([claim.lease], [taking])
-        assert isinstance(started, Admitted)
-        assert (await pg.take([(bucket,)]))[0].wait == 0.0
-        await pg.wait_for_change(since, 0.3)
-        assert await pg.change_counter() == since
-        # a pause is news for every executor
-        waiter = asyncio.create_task(pg.wait_for_change(since, 10.0))
-        await other.pause(bucket.name, time.time() + 30, "HTTP 429", "ex_b")
-        await asyncio.wait_for(waiter, 5.0)
-        assert await pg.change_counter() != since
-    finally:
-        await other.close()
+    await put(other, make_intent(clock, "a"))
+    (claim,) = await other.claim("ex_b", 10, 30.0, [])
+    await other.take([(bucket,)])  # the bucket's first take creates its row
+    await asyncio.sleep(0.2)  # every NOTIFY so far has come back by now
+    since = await pg.change_counter()
+    # tokens taken elsewhere, alone or with a start, and here
+    assert (await other.take([(bucket,)]))[0].wait == 0.0
+    (started,) = await other.start_attempts([claim.lease], [taking])
+    assert isinstance(started, Admitted)
+    assert (await pg.take([(bucket,)]))[0].wait == 0.0
+    await pg.wait_for_change(since, 0.3)
+    assert await pg.change_counter() == since
+    # a pause is news for every executor
+    waiter = asyncio.create_task(pg.wait_for_change(since, 10.0))
+    await other.pause(bucket.name, time.time() + 30, "HTTP 429", "ex_b")
+    await asyncio.wait_for(waiter, 5.0)
+    assert await pg.change_counter() != since
 
 
 async def test_its_own_leases_and_outcomes_do_not_wake_this_store(pg: PostgresStore) -> None:
