@@ -18,7 +18,7 @@ from farmhand.clock import FakeClock
 from farmhand.config import Limit
 from farmhand.contracts import Intent, IntentState
 from farmhand.errors import InvalidInput, InvalidTransition, StoreError
-from farmhand.store import Change, NewIntent, Store, open_store
+from farmhand.store import Change, Claim, NewIntent, Store, open_store
 from farmhand.store.base import Admitted, Bucket, Guard, Held
 from farmhand.store.postgres import PostgresStore
 from farmhand.store.postgres_setup import latest_version, mask
@@ -169,6 +169,27 @@ async def test_own_commits_count_once_and_idle_claims_not_at_all(pg: PostgresSto
     assert await pg.change_counter() == after_claim
 
 
+async def lease_one_through(store: Store, owner: str) -> Claim:
+    """Claim the two intents put, take the first through start, renewal and success;
+    the second's claim."""
+    first, second = await store.claim(owner, 10, 30.0, [])
+    (attempt,) = await store.start_attempts([first.lease])
+    assert attempt is not None
+    (lease,) = await store.renew([first.lease], 30.0)
+    assert lease is not None
+    done = Change(first.intent.id, IntentState.SUCCEEDED, owner, "succeed", token=lease.token)
+    assert await store.apply([done]) == [True]
+    return second
+
+
+async def release(store: Store, claim: Claim) -> None:
+    """Give ``claim``'s intent back (pending), as an executor does with what it cannot run."""
+    back = Change(
+        claim.intent.id, IntentState.PENDING, claim.lease.owner, "release", token=claim.lease.token
+    )
+    assert await store.apply([back]) == [True]
+
+
 async def test_leases_taken_started_renewed_or_ended_elsewhere_wake_no_one(
     pg: PostgresStore, other: Store
 ) -> None:
@@ -178,20 +199,13 @@ async def test_leases_taken_started_renewed_or_ended_elsewhere_wake_no_one(
     await pg.wait_for_change(before, 5.0)  # that submit's NOTIFY has arrived
     since = await pg.change_counter()
     assert since != before
-    a, b = await other.claim("ex_b", 10, 30.0, [])
-    (attempt,) = await other.start_attempts([a.lease])
-    assert attempt is not None
-    (lease,) = await other.renew([a.lease], 30.0)
-    assert lease is not None
     # an outcome, even the one that ends the last lease, makes nothing claimable
-    done = Change(a.intent.id, IntentState.SUCCEEDED, "ex_b", "succeed", token=lease.token)
-    assert await other.apply([done]) == [True]
+    second = await lease_one_through(other, "ex_b")
     await pg.wait_for_change(since, 0.3)
     assert await pg.change_counter() == since
     # a release does: that wakes waiters
     waiter = asyncio.create_task(pg.wait_for_change(since, 10.0))
-    back = Change(b.intent.id, IntentState.PENDING, "ex_b", "release", token=b.lease.token)
-    assert await other.apply([back]) == [True]
+    await release(other, second)
     await asyncio.wait_for(waiter, 5.0)
     assert await pg.change_counter() != since
 
@@ -226,16 +240,9 @@ async def test_its_own_leases_and_outcomes_do_not_wake_this_store(pg: PostgresSt
     await put(pg, make_intent(clock, "a"), make_intent(clock, "b"))
     await asyncio.sleep(0.2)  # the NOTIFY of that commit has come back by now
     since = await pg.change_counter()
-    a, b = await pg.claim("ex_a", 10, 30.0, [])
-    (attempt,) = await pg.start_attempts([a.lease])
-    assert attempt is not None
-    (lease,) = await pg.renew([a.lease], 30.0)
-    assert lease is not None
-    done = Change(a.intent.id, IntentState.SUCCEEDED, "ex_a", "succeed", token=lease.token)
-    assert await pg.apply([done]) == [True]
+    second = await lease_one_through(pg, "ex_a")
     assert await pg.change_counter() == since
-    back = Change(b.intent.id, IntentState.PENDING, "ex_a", "release", token=b.lease.token)
-    assert await pg.apply([back]) == [True]
+    await release(pg, second)
     assert await pg.change_counter() != since
 
 
